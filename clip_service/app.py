@@ -1,0 +1,39 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from flask import Flask, Request
+
+from clip_service.model import ClipEngine
+from clip_service.routes import bp
+from clip_service.service import ClipService
+from clip_service.settings import Settings
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class InMemoryRequest(Request):
+    """Keeps uploads in memory (never spooled to disk); MAX_CONTENT_LENGTH bounds their size."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
+def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
+    """A ready-to-serve app; the model (unless `engine` is given) loads in the background."""
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_OVERHEAD
+    app.json.ensure_ascii = False  # emoji as characters, not \u escapes
+    app.json.sort_keys = False
+    service = ClipService(settings, engine=engine)
+    app.extensions["clip_service"] = service
+    app.register_blueprint(bp)
+    service.start()
+    return app

@@ -1,0 +1,97 @@
+"""An emoji for each label: the emoji API's mappings first, the shipped dictionary as fallback.
+
+The API is fetched in a background thread. Start-up waits for it at most API_TIMEOUT; requests never
+wait for it at all. While it is down the thread retries, so mappings appear once it is up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+MAX_MAPPING_BYTES = 5 * 1024 * 1024
+
+
+def concept_key(label: str) -> str:
+    """The API's key for a label: lower case, `_` for spaces."""
+    return "_".join(label.lower().split())
+
+
+def parse_mappings(payload: object) -> dict[str, str]:
+    """A JSON object of concept -> emoji strings, else ValueError (treated as the API being down)."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+    mappings = {}
+    for key, value in payload.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"the value for {key!r} is not an emoji string")
+        mappings[concept_key(key)] = value.strip()
+    return mappings
+
+
+def load_dictionary(path: Path) -> dict[str, str]:
+    """The shipped fallback dictionary; a missing file only means no fallback."""
+    try:
+        return parse_mappings(json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        log.warning("Emoji dictionary %s not found; labels get emoji only from the API", path)
+        return {}
+
+
+class EmojiMapper:
+    def __init__(self, local: dict[str, str], api_url: str | None, timeout: float,
+                 retry_seconds: float = 30.0):
+        self.local = local
+        self.api_url = api_url
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self.api: dict[str, str] = {}
+        self.api_reachable = False
+        self._first_attempt = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def emoji_for(self, label: str) -> str | None:
+        key = concept_key(label)
+        return self.api.get(key) or self.local.get(key)
+
+    def start(self) -> None:
+        """Fetch the API in the background; wait for the first answer at most API_TIMEOUT."""
+        if self.api_url is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="emoji-api", daemon=True)
+        self._thread.start()
+        if not self._first_attempt.wait(self.timeout) or not self.api_reachable:
+            log.warning("Emoji API %s is not answering; using the local dictionary and retrying "
+                        "every %g s", self.api_url, self.retry_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.api = self.fetch()
+                self.api_reachable = True
+                log.info("Loaded %d emoji mappings from %s", len(self.api), self.api_url)
+                return
+            except (requests.RequestException, ValueError) as error:
+                self.api_reachable = False
+                log.debug("Emoji API %s failed: %s", self.api_url, error)
+            finally:
+                self._first_attempt.set()
+            self._stop.wait(self.retry_seconds)
+
+    def fetch(self) -> dict[str, str]:
+        with requests.get(self.api_url, timeout=self.timeout, stream=True) as response:
+            response.raise_for_status()
+            body = response.raw.read(MAX_MAPPING_BYTES + 1, decode_content=True)
+        if len(body) > MAX_MAPPING_BYTES:
+            raise ValueError(f"the mappings are over {MAX_MAPPING_BYTES} bytes")
+        return parse_mappings(json.loads(body))

@@ -1,0 +1,134 @@
+"""The label vocabulary and its text features, cached on disk between restarts.
+
+The cache key covers the model's identity, the prompt template and every label, so changing any of
+them can never reuse features computed for something else. A cache file carries a checksum of its
+features; a corrupt or truncated file is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "clip-service-label-features-v1"
+
+
+class LabelsError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Distinct labels in file order, and which file (group) each came from."""
+
+    labels: tuple[str, ...]
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_labels(folder: Path) -> LabelSet:
+    """Every *.txt in folder, sorted by name: a label a line, `#` comments and blanks skipped.
+
+    Duplicates are dropped case-insensitively; the first occurrence wins.
+    """
+    seen: set[str] = set()
+    labels: list[str] = []
+    groups: dict[str, tuple[str, ...]] = {}
+    for path in sorted(Path(folder).glob("*.txt")):
+        group = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            label = " ".join(line.split())
+            if not label or label.startswith("#"):
+                continue
+            key = label.casefold()
+            if key in seen:
+                continue
+            seen.add(key)
+            labels.append(label)
+            group.append(label)
+        groups[path.stem] = tuple(group)
+    if not labels:
+        raise LabelsError(f"No labels loaded: {folder} holds no *.txt file with a label in it "
+                          "(CLIP_LABELS_DIR)")
+    return LabelSet(tuple(labels), groups)
+
+
+class TextEncoder(Protocol):
+    identity: str
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
+
+
+def cache_key(model_identity: str, template: str, labels: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, model_identity, template, *labels):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _checksum(features: torch.Tensor) -> str:
+    return hashlib.sha256(features.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, count: int) -> torch.Tensor | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        features = load_file(str(path))["features"]
+    except FileNotFoundError:
+        return None
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
+        log.warning("Label-feature cache %s is unreadable (%s); rebuilding it", path, error)
+        return None
+    if (metadata.get("key") != key or features.dtype != torch.float32 or features.ndim != 2
+            or features.shape[0] != count or metadata.get("sha256") != _checksum(features)):
+        log.warning("Label-feature cache %s does not match its checksum or key; rebuilding it", path)
+        return None
+    return features
+
+
+def _write_cache(path: Path, key: str, features: torch.Tensor) -> None:
+    """Write atomically (temp file + rename); a read-only or full disk only costs the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".label-features-")
+        os.close(handle)
+        try:
+            save_file({"features": features.contiguous()}, temporary,
+                      metadata={"key": key, "sha256": _checksum(features)})
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as error:
+        log.warning("Could not write the label-feature cache %s (%s); it will be recomputed at the "
+                    "next start", path, error)
+
+
+def label_features(encoder: TextEncoder, label_set: LabelSet, template: str,
+                   cache_dir: Path) -> torch.Tensor:
+    """(L, D) unit text features of `template.format(label)` for every label, cached on disk."""
+    key = cache_key(encoder.identity, template, label_set.labels)
+    path = Path(cache_dir) / f"label-features-{key[:32]}.safetensors"
+    features = _read_cache(path, key, len(label_set))
+    if features is not None:
+        log.info("Loaded %d label features from %s", len(label_set), path)
+        return features
+    log.info("Encoding %d labels with template %r", len(label_set), template)
+    features = encoder.encode_texts([template.format(label) for label in label_set.labels])
+    _write_cache(path, key, features)
+    return features

@@ -1,0 +1,231 @@
+"""Which CLIP model to run, where to get its weights, and the engine that runs it.
+
+Nothing here touches CUDA at import time: gunicorn forks workers after importing the app, and CUDA
+does not survive a fork. The model is created by `load_engine`, once per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# OpenAI's names -> open_clip architecture. OpenAI trained with QuickGELU, so the -quickgelu configs
+# are the ones that reproduce its weights exactly.
+OPENAI_MODELS = {
+    "ViT-B/32": "ViT-B-32-quickgelu",
+    "ViT-B/16": "ViT-B-16-quickgelu",
+    "ViT-L/14": "ViT-L-14-quickgelu",
+    "ViT-L/14@336px": "ViT-L-14-336-quickgelu",
+    "RN50": "RN50-quickgelu",
+    "RN101": "RN101-quickgelu",
+    "RN50x4": "RN50x4-quickgelu",
+    "RN50x16": "RN50x16-quickgelu",
+    "RN50x64": "RN50x64-quickgelu",
+}
+KNOWN_FORMS = (
+    ", ".join(OPENAI_MODELS)
+    + ", an open_clip ARCH:PRETRAINED pair (e.g. ViT-B-32:laion2b_s34b_b79k), hf-hub:org/repo"
+    " or local-dir:/path"
+)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pth")
+_HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+WEIGHTS_HELP = (
+    "Provide the weights: start once with network access so they are downloaded into the cache "
+    "(HF_HOME, default ~/.cache/huggingface), set HF_HUB_OFFLINE=1 to use only that cache, "
+    "or set CLIP_MODEL=local-dir:/path to a folder holding open_clip_config.json and "
+    "open_clip_model.safetensors"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights could not be had; the message says how to provide them."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed CLIP_MODEL value: what open_clip is asked for."""
+
+    name: str  # as the operator wrote it
+    open_clip_name: str  # model_name for open_clip (may carry hf-hub: or local-dir:)
+    pretrained: str | None  # pretrained tag when open_clip_name is a built-in architecture
+
+    @property
+    def framework(self) -> str:
+        return "OpenAI" if self.pretrained == "openai" else "OpenCLIP"
+
+    @property
+    def local_dir(self) -> Path | None:
+        prefix = open_clip.factory.LOCAL_DIR_PREFIX
+        return Path(self.open_clip_name[len(prefix):]) if self.open_clip_name.startswith(prefix) else None
+
+
+def _weights_in(folder: Path) -> list[Path]:
+    return sorted(path for pattern in WEIGHT_FILES for path in folder.glob(pattern))
+
+
+def parse_model_spec(raw: str) -> ModelSpec:
+    """Parse CLIP_MODEL; a ValueError's message completes "CLIP_MODEL=<raw> ..."."""
+    name = raw.strip()
+    if name in OPENAI_MODELS:
+        return ModelSpec(name, OPENAI_MODELS[name], "openai")
+    if name.startswith("hf-hub:"):
+        if not _HF_REPO.match(name[len("hf-hub:"):]):
+            raise ValueError("is not a Hugging Face repository; allowed: hf-hub:org/repo")
+        return ModelSpec(name, name, None)
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        if not folder.is_dir():
+            raise ValueError("names no folder; allowed: local-dir:/path to a folder holding "
+                             "open_clip_config.json and open_clip_model.safetensors")
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError("has no open_clip_config.json; a local-dir: folder holds "
+                             "open_clip_config.json and open_clip_model.safetensors")
+        if not _weights_in(folder):
+            raise ValueError("holds no weights (open_clip_model.safetensors); a randomly initialised "
+                             "model is never served")
+        return ModelSpec(name, f"local-dir:{folder.resolve()}", None)
+    if name.count(":") == 1:
+        arch, tag = name.split(":")
+        if (arch, tag) in open_clip.list_pretrained():
+            return ModelSpec(name, arch, tag)
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tags:
+            raise ValueError(f"is not a known pretrained tag of {arch}; known: {', '.join(tags)}")
+    raise ValueError(f"is not a known model; known: {KNOWN_FORMS}")
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """A string that changes whenever the weights may have changed; keys the label-feature cache."""
+    folder = spec.local_dir
+    if folder is None:
+        return f"{spec.open_clip_name}|{spec.pretrained}"
+    digest = hashlib.sha256((folder / "open_clip_config.json").read_bytes())
+    for path in _weights_in(folder):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"local-dir:{folder}|{digest.hexdigest()}"
+
+
+def fetch_weights(spec: ModelSpec) -> None:
+    """Download the weights into the cache (with a progress bar) without building the model.
+
+    Run in the gunicorn master before workers fork, so a missing download stops start-up once,
+    with a clear message, and workers find the weights cached.
+    """
+    try:
+        if spec.pretrained is not None:
+            cfg = open_clip.get_pretrained_cfg(spec.open_clip_name, spec.pretrained)
+            open_clip.download_pretrained(cfg)
+        elif spec.open_clip_name.startswith("hf-hub:"):
+            repo = spec.open_clip_name[len("hf-hub:"):]
+            open_clip.factory._get_hf_config(repo)
+            open_clip.download_pretrained_from_hf(repo)
+    except Exception as error:  # every hub/network/cache failure means the same to the operator
+        raise ModelLoadError(
+            f"Weights for CLIP_MODEL={spec.name} could not be loaded ({type(error).__name__}: "
+            f"{_first_line(error)}). {WEIGHTS_HELP}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def resolve_device(setting: str) -> torch.device:
+    """CUDA when present, else Apple MPS, else CPU; CLIP_DEVICE overrides."""
+    if setting == "auto":
+        if torch.cuda.is_available():
+            setting = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            setting = "mps"
+        else:
+            setting = "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"CLIP_DEVICE={setting} but CUDA is not available; use auto or cpu")
+        index = int(setting.partition(":")[2] or torch.cuda.current_device())
+        return torch.device("cuda", index)
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("CLIP_DEVICE=mps but Apple MPS is not available; use auto or cpu")
+    return torch.device(setting)
+
+
+class ClipEngine:
+    """One loaded CLIP model: preprocesses images and turns images and texts into unit features."""
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, spec: ModelSpec,
+                 device: torch.device):
+        self.model = model.eval()
+        self.preprocess_transform = preprocess
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.identity = model_identity(spec)
+        # Concurrent forward passes only compete for the same cores; one at a time is faster.
+        self._lock = threading.Lock()
+        with torch.inference_mode():
+            self.logit_scale = float(model.logit_scale.exp())
+            bias = getattr(model, "logit_bias", None)
+            self.logit_bias = float(bias) if bias is not None else None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def framework(self) -> str:
+        return self.spec.framework
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> the model's input tensor, shape (3, H, W)."""
+        return self.preprocess_transform(image)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) model inputs -> (N, D) unit-length float32 features on the CPU."""
+        with self._lock, torch.inference_mode():
+            features = self.model.encode_image(pixels.to(self.device, self.dtype))
+            return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """N texts -> (N, D) unit-length float32 features on the CPU."""
+        chunks = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+                features = self.model.encode_text(tokens)
+                chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+
+def load_engine(spec: ModelSpec, device_setting: str = "auto") -> ClipEngine:
+    """Build the model on its device; fp16 on CUDA. Never returns a randomly initialised model."""
+    device = resolve_device(device_setting)
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    log.info("Loading CLIP_MODEL=%s (%s) on %s in %s", spec.name, spec.framework, device, precision)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.open_clip_name, pretrained=spec.pretrained, device=device, precision=precision,
+            require_pretrained=True,
+        )
+        tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(
+            f"CLIP_MODEL={spec.name} could not be loaded ({type(error).__name__}: "
+            f"{_first_line(error)}). {WEIGHTS_HELP}"
+        ) from error
+    return ClipEngine(model, preprocess, tokenizer, spec, device)
+

@@ -1,0 +1,111 @@
+"""HTTP routes: parse the request, call the service, serialise the answer. Nothing more."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from clip_service.errors import BadInput, ServiceError
+from clip_service.scoring import Prediction
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("clip", __name__)
+
+
+def _service():
+    return current_app.extensions["clip_service"]
+
+
+def _elapsed() -> float:
+    return round(time.perf_counter() - g.get("started", time.perf_counter()), 3)
+
+
+def prediction_json(prediction: Prediction) -> dict:
+    body = asdict(prediction)
+    if body["emoji"] is None:
+        del body["emoji"]
+    return body
+
+
+def error_response(status: int, message: str):
+    body = {"service": "clip", "status": "error", "predictions": [], "error": {"message": message},
+            "metadata": {"processing_time": _elapsed()}}
+    return jsonify(body), status
+
+
+@bp.before_app_request
+def _start_clock():
+    g.started = time.perf_counter()
+
+
+@bp.get("/health")
+def health():
+    body = _service().health()
+    return jsonify(body), 200 if body["model_status"] == "loaded" else 503
+
+
+def _single(name: str) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise BadInput(f"Give {name} only once; it was given {len(values)} times")
+    return values[0] if values else None
+
+
+def _upload() -> bytes | None:
+    if request.method != "POST":
+        return None
+    if request.mimetype != "multipart/form-data":
+        raise BadInput("POST /analyze needs a multipart/form-data body with the image in a field "
+                       "named file")
+    uploads = request.files.getlist("file")
+    if len(uploads) > 1:
+        raise BadInput(f"Send one image in the file field; {len(uploads)} were sent")
+    if not uploads:
+        raise BadInput("The multipart body has no field named file; send the image as file=@photo.jpg")
+    return uploads[0].read()
+
+
+@bp.route("/analyze", methods=["GET", "POST"])
+def analyze():
+    service = _service()
+    url, path, upload = _single("url"), _single("file"), _upload()
+    given = [name for name, value in (("url", url), ("file", path), ("upload", upload))
+             if value is not None]
+    if len(given) != 1:
+        raise BadInput("Give exactly one input: ?url=..., ?file=... or a POST upload in the field "
+                       f"file; got {' and '.join(given) if given else 'none'}")
+    service.ready_classifier()  # refuse before fetching anything when not ready
+    if url is not None:
+        image = service.image_from_url(url)
+    elif path is not None:
+        image = service.image_from_file(path)
+    else:
+        image = service.image_from_upload(upload)
+    predictions = service.analyze(image)
+    return jsonify({
+        "service": "clip",
+        "status": "success",
+        "predictions": [prediction_json(p) for p in predictions],
+        "metadata": {"processing_time": _elapsed(), "model_info": service.model_info()},
+    })
+
+
+@bp.app_errorhandler(ServiceError)
+def _service_error(error: ServiceError):
+    return error_response(error.status, error.message)
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(error: HTTPException):
+    return error_response(error.code or 500, error.description or error.name)
+
+
+@bp.app_errorhandler(Exception)
+def _unexpected(error: Exception):
+    log.exception("Unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "Internal error; the service log has the details")

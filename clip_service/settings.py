@@ -1,0 +1,215 @@
+"""All configuration, read from `.env` and the environment and validated in one place.
+
+The process environment wins over `.env`. Any invalid value stops start-up with one line that names
+the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from clip_service.model import ModelSpec, parse_model_spec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ENV_FILE = PROJECT_ROOT / ".env"
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is the one line shown at start-up."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 7778
+    private: bool = False
+    clip_model: str = "ViT-B/32"
+    confidence_threshold: float = 0.01
+    max_predictions: int = 10
+    api_host: str = "localhost"
+    api_port: int = 8080
+    api_timeout: float = 2.0
+    device: str = "auto"
+    labels_dir: Path = PROJECT_ROOT / "labels"
+    prompt_template: str = "a photo of a {}."
+    cache_dir: Path = Path.home() / ".cache" / "clip-service"
+    emoji_dictionary: Path = PROJECT_ROOT / "labels" / "emoji.json"
+    emoji_retry_seconds: float = 30.0
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+    allowed_file_roots: tuple[Path, ...] = ()
+    url_allowlist: tuple[str, ...] = ()
+    url_timeout: float = 10.0
+    workers: int = 0
+    threads: int = 0
+    log_level: str = "INFO"
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return parse_model_spec(self.clip_model)
+
+    @property
+    def bind_host(self) -> str:
+        return "127.0.0.1" if self.private else "0.0.0.0"
+
+
+def _integer(name: str, raw: str, minimum: int, maximum: int | None = None) -> int:
+    allowed = f"an integer from {minimum}" + (f" to {maximum}" if maximum is not None else " up")
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw} is not an integer; allowed: {allowed}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise SettingsError(f"{name}={raw} is out of range; allowed: {allowed}")
+    return value
+
+
+def _number(name: str, raw: str, minimum: float, maximum: float | None = None,
+            exclusive_minimum: bool = False) -> float:
+    low = f"above {minimum:g}" if exclusive_minimum else f"from {minimum:g}"
+    allowed = f"a number {low}" + (f" to {maximum:g}" if maximum is not None else "")
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw} is not a number; allowed: {allowed}") from None
+    too_low = value <= minimum if exclusive_minimum else value < minimum
+    if value != value or too_low or (maximum is not None and value > maximum):
+        raise SettingsError(f"{name}={raw} is out of range; allowed: {allowed}")
+    return value
+
+
+def _boolean(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw} is not a boolean; allowed: True or False")
+
+
+def _device(raw: str) -> str:
+    word = raw.strip().lower()
+    if word in ("auto", "cpu", "cuda", "mps"):
+        return word
+    if word.startswith("cuda:") and word[5:].isdigit():
+        return word
+    raise SettingsError(f"CLIP_DEVICE={raw} is not a device; allowed: {', '.join(DEVICE_CHOICES)}")
+
+
+def _template(raw: str) -> str:
+    if raw.count("{}") != 1:
+        raise SettingsError(
+            f"CLIP_PROMPT_TEMPLATE={raw} must contain exactly one {{}} where the label goes, "
+            "e.g. 'a photo of a {}.'"
+        )
+    return raw
+
+
+def _list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _allowlist(raw: str) -> tuple[str, ...]:
+    """Host names, IP addresses or CIDR networks that `url=` may reach despite the SSRF guard."""
+    entries = []
+    for item in _list(raw):
+        if "/" in item or item.replace(".", "").isdigit() or ":" in item:
+            try:
+                ipaddress.ip_network(item.strip("[]"), strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"URL_ALLOWLIST={raw}: {item} is not an IP address or network; "
+                    "allowed: comma-separated host names, IP addresses or CIDR networks"
+                ) from None
+        entries.append(item.lower().strip("[]"))
+    return tuple(entries)
+
+
+def _roots(raw: str) -> tuple[Path, ...]:
+    roots = []
+    for item in _list(raw):
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise SettingsError(f"ALLOWED_FILE_ROOTS={raw}: {item} is not an absolute path; "
+                                "allowed: comma-separated absolute folder paths")
+        roots.append(path.resolve())
+    return tuple(roots)
+
+
+def _log_level(raw: str) -> str:
+    word = raw.strip().upper()
+    if word not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL={raw} is not a log level; allowed: {', '.join(LOG_LEVELS)}")
+    return word
+
+
+def _model(raw: str) -> str:
+    try:
+        parse_model_spec(raw)
+    except ValueError as error:
+        raise SettingsError(f"CLIP_MODEL={raw} {error}") from None
+    return raw.strip()
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+_PARSERS = {
+    "PORT": ("port", lambda raw: _integer("PORT", raw, 1, 65535)),
+    "PRIVATE": ("private", lambda raw: _boolean("PRIVATE", raw)),
+    "CLIP_MODEL": ("clip_model", _model),
+    "CLIP_CONFIDENCE_THRESHOLD": (
+        "confidence_threshold", lambda raw: _number("CLIP_CONFIDENCE_THRESHOLD", raw, 0.0, 1.0)),
+    "CLIP_MAX_PREDICTIONS": ("max_predictions", lambda raw: _integer("CLIP_MAX_PREDICTIONS", raw, 1)),
+    "API_HOST": ("api_host", str.strip),
+    "API_PORT": ("api_port", lambda raw: _integer("API_PORT", raw, 1, 65535)),
+    "API_TIMEOUT": ("api_timeout", lambda raw: _number("API_TIMEOUT", raw, 0.0, 300.0, True)),
+    "CLIP_DEVICE": ("device", _device),
+    "CLIP_LABELS_DIR": ("labels_dir", _path),
+    "CLIP_PROMPT_TEMPLATE": ("prompt_template", _template),
+    "CLIP_CACHE_DIR": ("cache_dir", _path),
+    "EMOJI_DICTIONARY": ("emoji_dictionary", _path),
+    "EMOJI_RETRY_SECONDS": (
+        "emoji_retry_seconds", lambda raw: _number("EMOJI_RETRY_SECONDS", raw, 0.0, None, True)),
+    "MAX_IMAGE_BYTES": ("max_image_bytes", lambda raw: _integer("MAX_IMAGE_BYTES", raw, 1024)),
+    "MAX_IMAGE_PIXELS": ("max_image_pixels", lambda raw: _integer("MAX_IMAGE_PIXELS", raw, 1)),
+    "ALLOWED_FILE_ROOTS": ("allowed_file_roots", _roots),
+    "URL_ALLOWLIST": ("url_allowlist", _allowlist),
+    "URL_TIMEOUT": ("url_timeout", lambda raw: _number("URL_TIMEOUT", raw, 0.0, 300.0, True)),
+    "WORKERS": ("workers", lambda raw: _integer("WORKERS", raw, 0, 256)),
+    "THREADS": ("threads", lambda raw: _integer("THREADS", raw, 0, 256)),
+    "LOG_LEVEL": ("log_level", _log_level),
+}
+ENV_VARIABLES = tuple(_PARSERS)
+
+
+def settings_from_mapping(values: Mapping[str, str | None]) -> Settings:
+    """Settings from variable names to raw strings; absent or empty values keep their defaults."""
+    fields = {}
+    for variable, (field, parse) in _PARSERS.items():
+        raw = values.get(variable)
+        if raw is None or (raw.strip() == "" and variable != "CLIP_PROMPT_TEMPLATE"):
+            continue
+        fields[field] = parse(raw)
+    return Settings(**fields)
+
+
+def load_settings(env_file: str | os.PathLike | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `.env` (CLIP_ENV_FILE or the project's own) overlaid by the environment."""
+    environ = os.environ if environ is None else environ
+    path = Path(env_file or environ.get("CLIP_ENV_FILE") or DEFAULT_ENV_FILE)
+    values: dict[str, str | None] = dict(dotenv_values(path)) if path.is_file() else {}
+    values.update({name: environ[name] for name in ENV_VARIABLES if name in environ})
+    return settings_from_mapping(values)

@@ -1,0 +1,49 @@
+"""A tiny, seeded, randomly initialised CLIP in open_clip's `local-dir:` layout.
+
+Tests and the default benchmark run the real loading code on it; only the weights are small. It
+recognises nothing: use it for plumbing, never for accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_PREPROCESS = {
+    "size": 64,
+    "mode": "RGB",
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def write_tiny_clip(folder: Path, seed: int = 0, model_cfg: dict | None = None) -> Path:
+    """Write open_clip_config.json + open_clip_model.safetensors into folder and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = model_cfg or TINY_CONFIG
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    preprocess = dict(TINY_PREPROCESS, size=model_cfg["vision_cfg"]["image_size"])
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_clip(Path(sys.argv[1])))
