@@ -25,8 +25,9 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     """A ready-to-serve app; the model (unless `engine` is given) loads in the background."""
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # open_clip logs its every step on the root logger at INFO; only ours follow LOG_LEVEL.
+    logging.getLogger("clip_service").setLevel(settings.log_level)
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_OVERHEAD

@@ -24,6 +24,13 @@ SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", 
                      "WEBP": "WebP"}
 SUPPORTED_LIST = "PNG, JPEG, GIF, BMP, WebP"
 WHITE = (255, 255, 255)
+Image.init()  # register every plugin now, so Image.open(formats=...) knows them all
+# Pillow's own bomb check is global and fixed; decode_image checks MAX_IMAGE_PIXELS itself, right
+# after the header is parsed and before any pixel is allocated.
+Image.MAX_IMAGE_PIXELS = None
+# What Pillow's decoders raise on truncated or crafted files.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+OPENERS = [name for name in SUPPORTED_FORMATS if name in Image.OPEN]
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,11 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise TooLarge(f"The image is {len(data)} bytes; the limit is {limits.max_bytes} "
                        "(MAX_IMAGE_BYTES)")
     try:
-        image = Image.open(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))
-    except Image.DecompressionBombError as error:
-        raise BadInput(f"The image has too many pixels: {error}") from None
+        image = Image.open(io.BytesIO(data), formats=OPENERS)
     except UnidentifiedImageError:
         raise BadInput(f"Not an image, or an unsupported format; supported: {SUPPORTED_LIST}") from None
+    except DECODE_ERRORS as error:
+        raise BadInput(f"The image could not be decoded: {_reason(error)}") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise BadInput(f"The image is {width}x{height} pixels; the limit is {limits.max_pixels} "
@@ -58,9 +65,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         return to_rgb(image)
     except Image.DecompressionBombError as error:
         raise BadInput(f"The image has too many pixels: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
+    except DECODE_ERRORS as error:
         raise BadInput(f"The {SUPPORTED_FORMATS[image.format]} image could not be decoded: "
-                       f"{str(error)[:200] or type(error).__name__}") from None
+                       f"{_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    return str(error)[:200] or type(error).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,111 @@
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from clip_service.model import (
+    OPENAI_MODELS,
+    ModelLoadError,
+    fetch_weights,
+    load_engine,
+    model_identity,
+    parse_model_spec,
+    resolve_device,
+)
+from tiny_clip import write_tiny_clip
+
+
+@pytest.mark.parametrize("name", list(OPENAI_MODELS))
+def test_openai_names_map_to_openai_weights_with_quickgelu(name):
+    spec = parse_model_spec(name)
+    assert spec.pretrained == "openai"
+    assert spec.framework == "OpenAI"
+    assert spec.open_clip_name.endswith("-quickgelu")
+
+
+@pytest.mark.parametrize("name, arch, tag", [
+    ("ViT-B-32:laion2b_s34b_b79k", "ViT-B-32", "laion2b_s34b_b79k"),
+    ("ViT-B-16-SigLIP:webli", "ViT-B-16-SigLIP", "webli"),
+])
+def test_arch_pretrained_pairs(name, arch, tag):
+    spec = parse_model_spec(name)
+    assert (spec.open_clip_name, spec.pretrained, spec.framework) == (arch, tag, "OpenCLIP")
+
+
+def test_hf_hub_form():
+    spec = parse_model_spec("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    assert spec.open_clip_name == "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert spec.pretrained is None and spec.framework == "OpenCLIP"
+
+
+def test_local_dir_form(tiny_model_dir):
+    spec = parse_model_spec(f"local-dir:{tiny_model_dir}")
+    assert spec.local_dir == tiny_model_dir.resolve()
+
+
+def test_local_dir_without_weights_is_refused(tiny_model_dir, tmp_path):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "open_clip_config.json", folder)
+    with pytest.raises(ValueError, match="holds no weights.*never served"):
+        parse_model_spec(f"local-dir:{folder}")
+
+
+def test_local_dir_without_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="has no open_clip_config.json"):
+        parse_model_spec(f"local-dir:{tmp_path}")
+
+
+def test_missing_weights_offline_say_how_to_provide_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelLoadError) as caught:
+        fetch_weights(parse_model_spec("ViT-B/32"))
+    message = str(caught.value)
+    assert "CLIP_MODEL=ViT-B/32" in message
+    for hint in ("HF_HUB_OFFLINE", "local-dir:", "cache"):
+        assert hint in message
+
+
+def test_local_dir_needs_no_fetch(tiny_model_dir):
+    fetch_weights(parse_model_spec(f"local-dir:{tiny_model_dir}"))
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.backends.mps.is_available():
+        assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="CLIP_DEVICE=cuda but CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_engine_gives_unit_features(tiny_model_dir):
+    engine = load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu")
+    pixels = torch.stack([engine.preprocess(Image.new("RGB", (90, 50), colour))
+                          for colour in ("red", "blue")])
+    assert pixels.shape == (2, 3, 64, 64)
+    images = engine.encode_images(pixels)
+    texts = engine.encode_texts(["a photo of a cat.", "a photo of a dog.", "x"], batch_size=2)
+    assert images.shape == (2, 32) and texts.shape == (3, 32)
+    assert torch.allclose(images.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(texts.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert engine.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_identity_changes_with_weights(tmp_path):
+    first = parse_model_spec(f"local-dir:{write_tiny_clip(tmp_path / 'a', seed=1)}")
+    before = model_identity(first)
+    write_tiny_clip(tmp_path / "a", seed=2)
+    assert model_identity(first) != before
+    assert model_identity(parse_model_spec("ViT-B/32")) != model_identity(parse_model_spec("ViT-B/16"))

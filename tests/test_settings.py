@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from clip_service.settings import Settings, SettingsError, load_settings, settings_from_mapping
+
+
+def test_defaults_match_the_documented_contract():
+    settings = settings_from_mapping({})
+    assert (settings.port, settings.private, settings.clip_model) == (7778, False, "ViT-B/32")
+    assert (settings.confidence_threshold, settings.max_predictions) == (0.01, 10)
+    assert (settings.api_host, settings.api_port, settings.api_timeout) == ("localhost", 8080, 2.0)
+    assert settings.max_image_bytes == 8 * 1024 * 1024
+    assert settings.bind_host == "0.0.0.0"
+
+
+def test_values_are_parsed():
+    settings = settings_from_mapping({
+        "PORT": "8000", "PRIVATE": "true", "CLIP_MODEL": "ViT-L/14@336px",
+        "CLIP_CONFIDENCE_THRESHOLD": "0.2", "CLIP_MAX_PREDICTIONS": "3", "API_TIMEOUT": "0.5",
+        "CLIP_DEVICE": "cuda:1", "URL_ALLOWLIST": "images.example, 10.0.0.0/8,[::1]",
+        "ALLOWED_FILE_ROOTS": "/srv/photos,/tmp",
+    })
+    assert settings.port == 8000 and settings.private and settings.bind_host == "127.0.0.1"
+    assert settings.model_spec.open_clip_name == "ViT-L-14-336-quickgelu"
+    assert (settings.confidence_threshold, settings.max_predictions) == (0.2, 3)
+    assert settings.device == "cuda:1"
+    assert settings.url_allowlist == ("images.example", "10.0.0.0/8", "::1")
+    assert settings.allowed_file_roots == (Path("/srv/photos").resolve(), Path("/tmp").resolve())
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("PORT", "abc", "PORT=abc is not an integer; allowed: an integer from 1 to 65535"),
+    ("PORT", "70000", "PORT=70000 is out of range; allowed: an integer from 1 to 65535"),
+    ("PRIVATE", "maybe", "PRIVATE=maybe is not a boolean; allowed: True or False"),
+    ("CLIP_CONFIDENCE_THRESHOLD", "1.5", "CLIP_CONFIDENCE_THRESHOLD=1.5 is out of range"),
+    ("CLIP_CONFIDENCE_THRESHOLD", "-0.1", "CLIP_CONFIDENCE_THRESHOLD=-0.1 is out of range"),
+    ("CLIP_CONFIDENCE_THRESHOLD", "nan", "CLIP_CONFIDENCE_THRESHOLD=nan is out of range"),
+    ("CLIP_CONFIDENCE_THRESHOLD", "high", "CLIP_CONFIDENCE_THRESHOLD=high is not a number"),
+    ("CLIP_MAX_PREDICTIONS", "0", "CLIP_MAX_PREDICTIONS=0 is out of range; allowed: an integer from 1 up"),
+    ("API_PORT", "http", "API_PORT=http is not an integer"),
+    ("API_TIMEOUT", "0", "API_TIMEOUT=0 is out of range; allowed: a number above 0"),
+    ("CLIP_MODEL", "ViT-B/33", "CLIP_MODEL=ViT-B/33 is not a known model; known: ViT-B/32, ViT-B/16, "),
+    ("CLIP_MODEL", "ViT-B-32:nonsense", "CLIP_MODEL=ViT-B-32:nonsense is not a known pretrained tag"),
+    ("CLIP_MODEL", "hf-hub:not a repo", "CLIP_MODEL=hf-hub:not a repo is not a Hugging Face repository"),
+    ("CLIP_MODEL", "local-dir:/nonexistent/folder", "CLIP_MODEL=local-dir:/nonexistent/folder names no folder"),
+    ("CLIP_DEVICE", "tpu", "CLIP_DEVICE=tpu is not a device; allowed: auto, cpu, cuda, cuda:N, mps"),
+    ("CLIP_PROMPT_TEMPLATE", "a photo", "CLIP_PROMPT_TEMPLATE=a photo must contain exactly one {}"),
+    ("MAX_IMAGE_BYTES", "12", "MAX_IMAGE_BYTES=12 is out of range"),
+    ("ALLOWED_FILE_ROOTS", "photos", "ALLOWED_FILE_ROOTS=photos: photos is not an absolute path"),
+    ("URL_ALLOWLIST", "10.0.0.0/33", "URL_ALLOWLIST=10.0.0.0/33: 10.0.0.0/33 is not an IP address"),
+    ("LOG_LEVEL", "loud", "LOG_LEVEL=loud is not a log level"),
+])
+def test_invalid_value_is_one_line_naming_variable_value_and_allowed(variable, value, expected):
+    with pytest.raises(SettingsError) as caught:
+        settings_from_mapping({variable: value})
+    message = str(caught.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_environment_wins_over_env_file(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=9000\nCLIP_MAX_PREDICTIONS=4\n")
+    settings = load_settings(env_file, environ={"PORT": "9100"})
+    assert settings.port == 9100
+    assert settings.max_predictions == 4
+
+
+def test_missing_env_file_means_defaults(tmp_path):
+    assert load_settings(tmp_path / "absent.env", environ={}) == Settings()
+
+
+def test_invalid_env_file_value_stops(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PRIVATE=maybe\n")
+    with pytest.raises(SettingsError, match="PRIVATE=maybe"):
+        load_settings(env_file, environ={})
