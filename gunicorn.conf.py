@@ -21,6 +21,8 @@ timeout = 120
 graceful_timeout = 30
 keepalive = 5
 preload_app = False
+# gunicorn 23+ opens a control socket at one fixed path per user; several instances would collide.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()

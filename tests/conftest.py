@@ -68,7 +68,7 @@ def network_fence(monkeypatch, fake_dns):
             return real_getaddrinfo(host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
         except socket.gaierror:
             if name is None or name.lower() not in fake_dns:
-                raise socket.gaierror(socket.EAI_NONAME, f"fake resolver does not know {name}")
+                raise socket.gaierror(socket.EAI_NONAME, f"fake resolver does not know {name}") from None
         answers = []
         for address in fake_dns[name.lower()]:
             answers += real_getaddrinfo(address, port, family, type, proto, socket.AI_NUMERICHOST)

@@ -2,9 +2,9 @@ import json
 import time
 
 import pytest
+from conftest import LocalServer, free_port
 
 from clip_service.emoji import EmojiMapper, concept_key, parse_mappings
-from conftest import LocalServer, free_port
 
 
 def wait_for(condition, timeout=10.0):

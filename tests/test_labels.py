@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clip_service.emoji import concept_key
-from clip_service.labels import LabelSet, LabelsError, cache_key, label_features, load_labels
+from clip_service.labels import LabelsError, LabelSet, cache_key, label_features, load_labels
 from clip_service.settings import PROJECT_ROOT
 
 

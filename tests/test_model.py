@@ -3,6 +3,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from tiny_clip import write_tiny_clip
 
 from clip_service.model import (
     OPENAI_MODELS,
@@ -13,7 +14,6 @@ from clip_service.model import (
     parse_model_spec,
     resolve_device,
 )
-from tiny_clip import write_tiny_clip
 
 
 @pytest.mark.parametrize("name", list(OPENAI_MODELS))

@@ -43,7 +43,7 @@ def test_values_are_parsed():
     ("CLIP_MODEL", "ViT-B/33", "CLIP_MODEL=ViT-B/33 is not a known model; known: ViT-B/32, ViT-B/16, "),
     ("CLIP_MODEL", "ViT-B-32:nonsense", "CLIP_MODEL=ViT-B-32:nonsense is not a known pretrained tag"),
     ("CLIP_MODEL", "hf-hub:not a repo", "CLIP_MODEL=hf-hub:not a repo is not a Hugging Face repository"),
-    ("CLIP_MODEL", "local-dir:/nonexistent/folder", "CLIP_MODEL=local-dir:/nonexistent/folder names no folder"),
+    ("CLIP_MODEL", "local-dir:/nonexistent", "CLIP_MODEL=local-dir:/nonexistent names no folder"),
     ("CLIP_DEVICE", "tpu", "CLIP_DEVICE=tpu is not a device; allowed: auto, cpu, cuda, cuda:N, mps"),
     ("CLIP_PROMPT_TEMPLATE", "a photo", "CLIP_PROMPT_TEMPLATE=a photo must contain exactly one {}"),
     ("MAX_IMAGE_BYTES", "12", "MAX_IMAGE_BYTES=12 is out of range"),

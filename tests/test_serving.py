@@ -1,0 +1,119 @@
+"""The real server: CLIP.sh starts gunicorn, and requests talk to it over loopback."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import free_port
+from test_routes import image_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(env_overrides: dict, log_path: Path) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CLIP_", "API_"))}
+    env.update({"CLIP_ENV_FILE": "/nonexistent/.env", **env_overrides})
+    log = log_path.open("wb")
+    # From another working directory: CLIP.sh must find its own folder.
+    return subprocess.Popen([str(ROOT / "CLIP.sh")], cwd="/", env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited during start-up"
+        try:
+            response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+            assert response.json()["model_status"] == "loading"
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("the server did not become healthy")
+
+
+def stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.fixture
+def server_env(settings, tmp_path, local_server):
+    return {
+        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": settings.clip_model,
+        "CLIP_LABELS_DIR": str(settings.labels_dir), "CLIP_CACHE_DIR": str(tmp_path / "cache"),
+        "EMOJI_DICTIONARY": str(settings.emoji_dictionary), "CLIP_CONFIDENCE_THRESHOLD": "0",
+        "API_HOST": "127.0.0.1", "API_PORT": str(local_server.port), "API_TIMEOUT": "1",
+        "URL_ALLOWLIST": "127.0.0.1", "ALLOWED_FILE_ROOTS": str(tmp_path), "WORKERS": "1",
+        "THREADS": "4",
+    }
+
+
+def test_clip_sh_serves_all_three_inputs_and_drains_on_sigterm(server_env, tmp_path, local_server):
+    local_server.routes["/emoji_mappings.json"] = (200, {}, '{"horse": "🏇"}'.encode())
+    data = image_bytes("JPEG", (320, 240), (90, 160, 40))
+    local_server.routes["/photo.jpg"] = (200, {"Content-Type": "image/jpeg"}, data)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    port = server_env["PORT"]
+    process = start(server_env, tmp_path / "first.log")
+    try:
+        health = wait_healthy(int(port), process)
+        assert health["num_labels"] == 10 and health["model_status"] == "loaded"
+        base = f"http://127.0.0.1:{port}/analyze"
+        answers = [
+            requests.post(base, files={"file": ("photo.jpg", data)}, timeout=30),
+            requests.get(base, params={"file": str(tmp_path / "photo.jpg")}, timeout=30),
+            requests.get(base, params={"url": local_server.url("/photo.jpg")}, timeout=30),
+        ]
+        for response in answers:
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "success"
+        predictions = answers[0].json()["predictions"]
+        assert predictions == answers[1].json()["predictions"] == answers[2].json()["predictions"]
+        emoji = {p["label"]: p.get("emoji") for p in predictions}
+        assert emoji["horse"] == "🏇" and emoji["cat"] == "🐱"
+        missing = requests.get(base, params={"file": str(tmp_path / "nope.jpg")}, timeout=10)
+        assert missing.status_code == 404 and missing.json()["status"] == "error"
+    finally:
+        assert stop(process) == 0
+    assert list((tmp_path / "cache").glob("label-features-*.safetensors"))
+
+    second = start(server_env, tmp_path / "second.log")
+    try:
+        wait_healthy(int(port), second)
+    finally:
+        assert stop(second) == 0
+    log = (tmp_path / "second.log").read_text()
+    assert "Loaded 10 label features from" in log and "Encoding" not in log
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("PORT", "abc", "clip-service: PORT=abc is not an integer"),
+    ("CLIP_MODEL", "ViT-B/33", "clip-service: CLIP_MODEL=ViT-B/33 is not a known model"),
+    ("PRIVATE", "maybe", "clip-service: PRIVATE=maybe is not a boolean"),
+])
+def test_invalid_setting_stops_start_up_with_one_line(server_env, tmp_path, variable, value, expected):
+    process = start({**server_env, variable: value}, tmp_path / "bad.log")
+    assert process.wait(timeout=60) != 0
+    lines = (tmp_path / "bad.log").read_text().strip().splitlines()
+    assert lines[-1].startswith(expected)
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_no_labels_stops_start_up(server_env, tmp_path):
+    empty = tmp_path / "no-labels"
+    empty.mkdir()
+    process = start({**server_env, "CLIP_LABELS_DIR": str(empty)}, tmp_path / "nolabels.log")
+    assert process.wait(timeout=60) != 0
+    assert "No labels loaded" in (tmp_path / "nolabels.log").read_text()
