@@ -11,6 +11,7 @@ from clip_service.model import ClipEngine
 from clip_service.routes import bp
 from clip_service.service import ClipService
 from clip_service.settings import Settings
+from clip_service.web import web_bp
 
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -36,5 +37,6 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     service = ClipService(settings, engine=engine)
     app.extensions["clip_service"] = service
     app.register_blueprint(bp)
+    app.register_blueprint(web_bp)
     service.start()
     return app

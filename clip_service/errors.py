@@ -42,3 +42,19 @@ class UpstreamFailed(ServiceError):
 
 class NotReady(ServiceError):
     status = 503
+
+
+class DeadlineExceeded(ServiceError):
+    """The request took longer than REQUEST_TIMEOUT."""
+
+    status = 504
+
+
+class Overloaded(ServiceError):
+    """More requests are waiting in this worker than MAX_QUEUE; the client should retry."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -39,8 +39,14 @@ class ImageLimits:
     max_pixels: int
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Bytes -> an RGB image with EXIF orientation applied (first frame of an animation)."""
+def decode_image(data: bytes, limits: ImageLimits,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> an RGB image with EXIF orientation applied (first frame of an animation).
+
+    With `draft_size` (the model's input height and width), a JPEG is decoded straight to the
+    smallest DCT scale (1/2, 1/4, 1/8) that still covers it: three to four times faster for
+    photos, and the model's own resize then sees nearly the same pixels.
+    """
     if not data:
         raise BadInput("The image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -60,6 +66,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise BadInput(f"The image has no pixels ({width}x{height})")
     try:
         image.seek(0)
+        if draft_size and image.format in ("JPEG", "MPO"):
+            side = max(draft_size)
+            image.draft("RGB", (side, side))
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
@@ -77,10 +86,13 @@ def _reason(error: Exception) -> str:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: transparency over white, 16-bit and float scaled, CMYK converted."""
     mode = image.mode
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:  # a transparent index or colour
+        image = image.convert("RGBA")
+        mode = image.mode
     if mode == "RGB":
         return image
     if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
         mode = image.mode
     if mode.startswith("I") or mode == "F":
         image = _high_depth_to_grey(image)
@@ -131,12 +143,14 @@ def read_file(raw_path: str, real: Path, max_bytes: int) -> bytes:
         raise Forbidden(f"File is not readable by the service: {raw_path}") from None
     except OSError as error:
         raise BadInput(f"File cannot be opened: {raw_path} ({error.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BadInput(f"Not a regular file: {raw_path}")
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise TooLarge(f"File is {info.st_size} bytes; the limit is {max_bytes} (MAX_IMAGE_BYTES)")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise BadInput(f"Not a regular file: {raw_path}")
-        if info.st_size > max_bytes:
-            raise TooLarge(f"File is {info.st_size} bytes; the limit is {max_bytes} (MAX_IMAGE_BYTES)")
         try:
             data = handle.read(max_bytes + 1)
         except OSError as error:

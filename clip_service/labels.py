@@ -30,13 +30,28 @@ class LabelsError(RuntimeError):
 
 @dataclass(frozen=True)
 class LabelSet:
-    """Distinct labels in file order, and which file (group) each came from."""
+    """Distinct labels in file order, the text the model sees for each, and their groups."""
 
     labels: tuple[str, ...]
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    texts: tuple[str, ...] = ()  # what the model reads; defaults to the labels themselves
+
+    def __post_init__(self):
+        if not self.texts:
+            object.__setattr__(self, "texts", self.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def parse_label_line(line: str) -> tuple[str, str] | None:
+    """`label` or `label | text the model reads` -> (label, text); None for blanks and comments."""
+    line = " ".join(line.split())
+    if not line or line.startswith("#"):
+        return None
+    label, _, text = line.partition("|")
+    label, text = label.strip(), text.strip()
+    return (label, text or label) if label else None
 
 
 def load_labels(folder: Path) -> LabelSet:
@@ -46,24 +61,41 @@ def load_labels(folder: Path) -> LabelSet:
     """
     seen: set[str] = set()
     labels: list[str] = []
+    texts: list[str] = []
     groups: dict[str, tuple[str, ...]] = {}
     for path in sorted(Path(folder).glob("*.txt")):
         group = []
         for line in path.read_text(encoding="utf-8").splitlines():
-            label = " ".join(line.split())
-            if not label or label.startswith("#"):
+            parsed = parse_label_line(line)
+            if parsed is None or parsed[0].casefold() in seen:
                 continue
-            key = label.casefold()
-            if key in seen:
-                continue
-            seen.add(key)
+            label, text = parsed
+            seen.add(label.casefold())
             labels.append(label)
+            texts.append(text)
             group.append(label)
         groups[path.stem] = tuple(group)
     if not labels:
         raise LabelsError(f"No labels loaded: {folder} holds no *.txt file with a label in it "
                           "(CLIP_LABELS_DIR)")
-    return LabelSet(tuple(labels), groups)
+    return LabelSet(tuple(labels), groups, tuple(texts))
+
+
+def load_templates(prompts_file: Path, single_template: str = "") -> tuple[str, ...]:
+    """The prompt templates: CLIP_PROMPT_TEMPLATE alone if set, else every line of the prompts file."""
+    if single_template:
+        return (single_template,)
+    try:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} cannot be read ({error.strerror}); "
+                          "point it at a file of prompt templates, one per line") from None
+    templates = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    bad = [template for template in templates if template.count("{}") != 1]
+    if bad or not templates:
+        raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} needs one or more templates, each with "
+                          f"exactly one {{}}; bad: {bad[0] if bad else 'no templates'}")
+    return templates
 
 
 class TextEncoder(Protocol):
@@ -72,12 +104,22 @@ class TextEncoder(Protocol):
     def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
 
 
-def cache_key(model_identity: str, template: str, labels: tuple[str, ...]) -> str:
+def cache_key(model_identity: str, templates: tuple[str, ...], texts: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    for part in (CACHE_FORMAT, model_identity, template, *labels):
+    for part in (CACHE_FORMAT, model_identity, str(len(templates)), *templates, *texts):
         digest.update(part.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()
+
+
+def ensemble_features(encoder: TextEncoder, texts: tuple[str, ...],
+                      templates: tuple[str, ...]) -> torch.Tensor:
+    """(L, D): for each text, the normalised mean of its unit features under every template."""
+    total = None
+    for template in templates:
+        features = encoder.encode_texts([template.format(text) for text in texts])  # (L, D)
+        total = features if total is None else total + features
+    return torch.nn.functional.normalize(total, dim=-1)
 
 
 def _checksum(features: torch.Tensor) -> str:
@@ -119,16 +161,17 @@ def _write_cache(path: Path, key: str, features: torch.Tensor) -> None:
                     "next start", path, error)
 
 
-def label_features(encoder: TextEncoder, label_set: LabelSet, template: str,
+def label_features(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
                    cache_dir: Path) -> torch.Tensor:
-    """(L, D) unit text features of `template.format(label)` for every label, cached on disk."""
-    key = cache_key(encoder.identity, template, label_set.labels)
+    """(L, D) unit text features of every label under the templates, cached on disk."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    key = cache_key(encoder.identity, templates, label_set.texts)
     path = Path(cache_dir) / f"label-features-{key[:32]}.safetensors"
     features = _read_cache(path, key, len(label_set))
     if features is not None:
         log.info("Loaded %d label features from %s", len(label_set), path)
         return features
-    log.info("Encoding %d labels with template %r", len(label_set), template)
-    features = encoder.encode_texts([template.format(label) for label in label_set.labels])
+    log.info("Encoding %d labels with %d prompt templates", len(label_set), len(templates))
+    features = ensemble_features(encoder, label_set.texts, templates)
     _write_cache(path, key, features)
     return features

@@ -10,12 +10,16 @@ import hashlib
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from PIL import Image
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +165,22 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def split_preprocess(preprocess) -> tuple[Callable, tuple[float, ...], tuple[float, ...]] | None:
+    """open_clip's eval transform -> (its PIL steps, mean, std), or None if it is not that shape.
+
+    The PIL steps (resize, crop) run on the CPU and end in uint8; the float conversion and
+    normalisation then run on the model's device, on the whole batch at once.
+    """
+    steps = list(getattr(preprocess, "transforms", []))
+    to_tensor = [i for i, step in enumerate(steps) if isinstance(step, ToTensor)]
+    if len(to_tensor) != 1 or len(steps) != to_tensor[0] + 2 or not isinstance(steps[-1], Normalize):
+        return None
+    pil_steps, normalize = steps[:to_tensor[0]], steps[-1]
+    return Compose(pil_steps), tuple(normalize.mean), tuple(normalize.std)
+
+
 class ClipEngine:
-    """One loaded CLIP model: preprocesses images and turns images and texts into unit features."""
+    """One loaded CLIP model: prepares images and turns images and texts into unit features."""
 
     def __init__(self, model: torch.nn.Module, preprocess, tokenizer, spec: ModelSpec,
                  device: torch.device):
@@ -173,8 +191,16 @@ class ClipEngine:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.identity = model_identity(spec)
-        # Concurrent forward passes only compete for the same cores; one at a time is faster.
-        self._lock = threading.Lock()
+        size = open_clip.get_model_preprocess_cfg(model).get("size", 224)
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
+        split = split_preprocess(preprocess)
+        self._pil_steps = split[0] if split else None
+        mean, std = (split[1], split[2]) if split else ((0.0,) * 3, (1.0,) * 3)
+        # (1, 3, 1, 1) so they broadcast over a batch of uint8 images on the device
+        self._mean = torch.tensor(mean, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(std, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
+        # Text encoding runs at start-up and for per-request labels; one at a time.
+        self._text_lock = threading.Lock()
         with torch.inference_mode():
             self.logit_scale = float(model.logit_scale.exp())
             bias = getattr(model, "logit_bias", None)
@@ -188,25 +214,72 @@ class ClipEngine:
     def framework(self) -> str:
         return self.spec.framework
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> the model's input, resized and cropped: (3, H, W), uint8 when possible."""
+        if self._pil_steps is None:
+            return self.preprocess_transform(image)
+        array = np.array(self._pil_steps(image), dtype=np.uint8)  # (H, W, 3), writable
+        return torch.from_numpy(array).permute(2, 0, 1)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image -> the model's input tensor, shape (3, H, W)."""
+        """open_clip's own full transform: (3, H, W) float, normalised. The reference path."""
         return self.preprocess_transform(image)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) model inputs -> (N, D) unit-length float32 features on the CPU."""
-        with self._lock, torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device, self.dtype))
+        """(N, 3, H, W) from `prepare` (uint8) or `preprocess` (float) -> (N, D) unit float32 on CPU."""
+        with torch.inference_mode():
+            pixels = pixels.to(self.device, non_blocking=True)
+            if pixels.dtype == torch.uint8:
+                pixels = (pixels.to(self.dtype) - self._mean) / self._std
+            features = self.model.encode_image(pixels.to(self.dtype))
             return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """N texts -> (N, D) unit-length float32 features on the CPU."""
-        chunks = []
-        with self._lock, torch.inference_mode():
+        """N texts -> (N, D) unit float32 features on the CPU.
+
+        Texts are sorted by token length and each batch is cut to its longest text: CLIP's text
+        tower is causal and pooled at the end-of-text token, so padding after it changes nothing
+        but costs most of the time (labels are 5-10 tokens of a 77-token context).
+        """
+        tokens = self.tokenizer(texts)  # (N, context)
+        lengths = self._token_lengths(tokens)
+        order = torch.argsort(lengths) if lengths is not None else torch.arange(len(texts))
+        features = [None] * len(texts)
+        with self._text_lock, torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
-                features = self.model.encode_text(tokens)
-                chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(chunks)
+                index = order[start:start + batch_size]
+                batch = tokens[index]
+                if lengths is not None:
+                    batch = batch[:, :int(lengths[index].max())]
+                encoded = self._encode_tokens(batch.to(self.device))
+                encoded = torch.nn.functional.normalize(encoded.float(), dim=-1).cpu()
+                for position, row in zip(index.tolist(), encoded, strict=True):
+                    features[position] = row
+        return torch.stack(features)
+
+    def _token_lengths(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Tokens up to and including end-of-text, when the model allows cutting there; else None."""
+        model = self.model
+        if (type(model) is not open_clip.CLIP or getattr(model, "text_pool_type", None) != "argmax"
+                or getattr(model, "attn_mask", None) is None or tokens.ndim != 2):
+            return None
+        return tokens.argmax(dim=-1) + 1  # end-of-text has the highest id in CLIP's vocabulary
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text for a context cut to tokens.shape[1] positions."""
+        model = self.model
+        length = tokens.shape[1]
+        if self._token_lengths(tokens) is None or length == model.positional_embedding.shape[0]:
+            return model.encode_text(tokens)
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, width)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = text_global_pool(x, tokens, "argmax")  # (N, width)
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
 
 
 def load_engine(spec: ModelSpec, device_setting: str = "auto") -> ClipEngine:

@@ -73,20 +73,21 @@ def _upload() -> bytes | None:
 @bp.route("/analyze", methods=["GET", "POST"])
 def analyze():
     service = _service()
-    url, path, upload = _single("url"), _single("file"), _upload()
-    given = [name for name, value in (("url", url), ("file", path), ("upload", upload))
-             if value is not None]
-    if len(given) != 1:
-        raise BadInput("Give exactly one input: ?url=..., ?file=... or a POST upload in the field "
-                       f"file; got {' and '.join(given) if given else 'none'}")
-    service.ready_classifier()  # refuse before fetching anything when not ready
-    if url is not None:
-        image = service.image_from_url(url)
-    elif path is not None:
-        image = service.image_from_file(path)
-    else:
-        image = service.image_from_upload(upload)
-    predictions = service.analyze(image)
+    with service.admitted() as deadline:
+        url, path, upload = _single("url"), _single("file"), _upload()
+        given = [name for name, value in (("url", url), ("file", path), ("upload", upload))
+                 if value is not None]
+        if len(given) != 1:
+            raise BadInput("Give exactly one input: ?url=..., ?file=... or a POST upload in the field "
+                           f"file; got {' and '.join(given) if given else 'none'}")
+        service.ready_classifier()  # refuse before fetching anything when not ready
+        if url is not None:
+            image = service.image_from_url(url, deadline)
+        elif path is not None:
+            image = service.image_from_file(path)
+        else:
+            image = service.image_from_upload(upload)
+        predictions = service.analyze(image, deadline)
     return jsonify({
         "service": "clip",
         "status": "success",
@@ -97,7 +98,10 @@ def analyze():
 
 @bp.app_errorhandler(ServiceError)
 def _service_error(error: ServiceError):
-    return error_response(error.status, error.message)
+    response, status = error_response(error.status, error.message)
+    if error.status == 503:
+        response.headers["Retry-After"] = str(getattr(error, "retry_after", 5))
+    return response, status
 
 
 @bp.app_errorhandler(HTTPException)

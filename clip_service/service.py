@@ -6,17 +6,21 @@ and a failed load is reported as failed, never as healthy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
+from clip_service.batching import MicroBatcher
 from clip_service.emoji import EmojiMapper, load_dictionary
-from clip_service.errors import NotReady
+from clip_service.errors import NotReady, Overloaded
 from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file
-from clip_service.labels import LabelSet, label_features, load_labels
+from clip_service.labels import LabelSet, label_features, load_labels, load_templates
 from clip_service.model import ClipEngine, load_engine
 from clip_service.scoring import Prediction, label_probabilities, top_predictions
 from clip_service.settings import Settings
@@ -33,12 +37,20 @@ class Classifier:
 
     engine: ClipEngine
     label_set: LabelSet
-    features: object  # (L, D) float32 tensor of unit label features
+    features: torch.Tensor  # (L, D) float32 unit label features
     emoji: EmojiMapper
+    batcher: MicroBatcher | None = None
 
-    def classify(self, image: Image.Image, threshold: float, limit: int) -> list[Prediction]:
-        pixels = self.engine.preprocess(image).unsqueeze(0)  # (1, 3, H, W)
-        image_features = self.engine.encode_images(pixels)  # (1, D)
+    def image_features(self, image: Image.Image, timeout: float | None = None) -> torch.Tensor:
+        """(D,) unit feature of one image, through the micro-batcher when there is one."""
+        pixels = self.engine.prepare(image)  # (3, H, W)
+        if self.batcher is None:
+            return self.engine.encode_images(pixels.unsqueeze(0))[0]
+        return self.batcher.submit(pixels, timeout)
+
+    def classify(self, image: Image.Image, threshold: float, limit: int,
+                 timeout: float | None = None) -> list[Prediction]:
+        image_features = self.image_features(image, timeout).unsqueeze(0)  # (1, D)
         probabilities = label_probabilities(image_features, self.features, self.engine.logit_scale)
         return top_predictions(probabilities[0], self.label_set.labels, threshold, limit,
                                self.emoji.emoji_for)
@@ -46,8 +58,13 @@ class Classifier:
 
 def build_classifier(settings: Settings, engine: ClipEngine, emoji: EmojiMapper) -> Classifier:
     label_set = load_labels(settings.labels_dir)
-    features = label_features(engine, label_set, settings.prompt_template, settings.cache_dir)
+    templates = load_templates(settings.prompts_file, settings.prompt_template)
+    features = label_features(engine, label_set, templates, settings.cache_dir)
     return Classifier(engine, label_set, features, emoji)
+
+
+def default_batch_size(engine: ClipEngine) -> int:
+    return 64 if engine.device.type == "cuda" else 8
 
 
 def emoji_mapper(settings: Settings) -> EmojiMapper:
@@ -73,6 +90,29 @@ class ClipService:
         self._engine_loader = engine_loader or (
             lambda: load_engine(settings.model_spec, settings.device))
         self._settled = threading.Event()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[float]:
+        """Admission control: hold a place for one request, or refuse at once when full.
+
+        Yields the request's deadline (time.monotonic() based).
+        """
+        with self._in_flight_lock:
+            if self._in_flight >= self.settings.max_queue:
+                raise Overloaded(f"The service is busy ({self._in_flight} requests in progress, "
+                                 f"MAX_QUEUE={self.settings.max_queue}); retry shortly")
+            self._in_flight += 1
+        try:
+            yield time.monotonic() + self.settings.request_timeout
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
     def start(self) -> None:
         """Start the emoji API client, then load in the background."""
@@ -85,7 +125,11 @@ class ClipService:
     def _load(self) -> None:
         try:
             engine = self._engine or self._engine_loader()
-            self.classifier = build_classifier(self.settings, engine, self.emoji)
+            classifier = build_classifier(self.settings, engine, self.emoji)
+            classifier.batcher = MicroBatcher(
+                engine.encode_images, self.settings.batch_max_size or default_batch_size(engine),
+                self.settings.batch_wait_ms / 1000, arriving=lambda: self._in_flight)
+            self.classifier = classifier
             self.status = LOADED
             log.info("Ready: %s on %s with %d labels", engine.name, engine.device,
                      len(self.classifier.label_set))
@@ -117,16 +161,21 @@ class ClipService:
         engine = self.ready_classifier().engine
         return {"framework": engine.framework, "model": engine.name, "device": str(engine.device)}
 
+    def _draft_size(self) -> tuple[int, int] | None:
+        return self.classifier.engine.input_size if self.classifier else None
+
     def image_from_upload(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.limits)
+        return decode_image(data, self.limits, self._draft_size())
 
     def image_from_file(self, raw_path: str) -> Image.Image:
         real = check_file_access(raw_path, self.settings.allowed_file_roots, self.settings.private)
-        return decode_image(read_file(raw_path, real, self.limits.max_bytes), self.limits)
+        return decode_image(read_file(raw_path, real, self.limits.max_bytes), self.limits,
+                            self._draft_size())
 
-    def image_from_url(self, url: str) -> Image.Image:
-        return decode_image(self.fetcher.fetch(url), self.limits)
+    def image_from_url(self, url: str, deadline: float | None = None) -> Image.Image:
+        return decode_image(self.fetcher.fetch(url, deadline), self.limits, self._draft_size())
 
-    def analyze(self, image: Image.Image) -> list[Prediction]:
+    def analyze(self, image: Image.Image, deadline: float | None = None) -> list[Prediction]:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.ready_classifier().classify(
-            image, self.settings.confidence_threshold, self.settings.max_predictions)
+            image, self.settings.confidence_threshold, self.settings.max_predictions, timeout)

@@ -41,7 +41,7 @@ class Settings:
     api_timeout: float = 2.0
     device: str = "auto"
     labels_dir: Path = PROJECT_ROOT / "labels"
-    prompt_template: str = "a photo of a {}."
+    prompt_template: str = ""  # one template instead of prompts_file, e.g. the seed's
     cache_dir: Path = Path.home() / ".cache" / "clip-service"
     emoji_dictionary: Path = PROJECT_ROOT / "labels" / "emoji.json"
     emoji_retry_seconds: float = 30.0
@@ -53,6 +53,17 @@ class Settings:
     workers: int = 0
     threads: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
+    batch_max_size: int = 0  # 0: 8 on a CPU, 64 on a GPU
+    batch_wait_ms: float = 2.0
+    torch_threads: int = 0  # 0: the cores divided by the workers
+    max_queue: int = 32
+    request_timeout: float = 30.0
+    api_key: str = ""
+    cors_origins: tuple[str, ...] = ("*",)
+    health_canary_seconds: float = 30.0
+    labels_watch: bool = False
+    prompts_file: Path = PROJECT_ROOT / "prompts" / "ensemble.txt"
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -107,7 +118,7 @@ def _device(raw: str) -> str:
 
 
 def _template(raw: str) -> str:
-    if raw.count("{}") != 1:
+    if raw.strip() and raw.count("{}") != 1:
         raise SettingsError(
             f"CLIP_PROMPT_TEMPLATE={raw} must contain exactly one {{}} where the label goes, "
             "e.g. 'a photo of a {}.'"
@@ -153,6 +164,22 @@ def _log_level(raw: str) -> str:
     return word
 
 
+def _log_format(raw: str) -> str:
+    word = raw.strip().lower()
+    if word not in ("text", "json"):
+        raise SettingsError(f"LOG_FORMAT={raw} is not a log format; allowed: text or json")
+    return word
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(_list(raw))
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SettingsError(f"CORS_ORIGINS={raw}: {origin} is not an origin; allowed: *, or "
+                                "comma-separated origins such as https://photos.example.com")
+    return origins
+
+
 def _model(raw: str) -> str:
     try:
         parse_model_spec(raw)
@@ -190,8 +217,22 @@ _PARSERS = {
     "WORKERS": ("workers", lambda raw: _integer("WORKERS", raw, 0, 256)),
     "THREADS": ("threads", lambda raw: _integer("THREADS", raw, 0, 256)),
     "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_FORMAT": ("log_format", _log_format),
+    "BATCH_MAX_SIZE": ("batch_max_size", lambda raw: _integer("BATCH_MAX_SIZE", raw, 0, 4096)),
+    "BATCH_WAIT_MS": ("batch_wait_ms", lambda raw: _number("BATCH_WAIT_MS", raw, 0.0, 1000.0)),
+    "TORCH_THREADS": ("torch_threads", lambda raw: _integer("TORCH_THREADS", raw, 0, 1024)),
+    "MAX_QUEUE": ("max_queue", lambda raw: _integer("MAX_QUEUE", raw, 1, 100_000)),
+    "REQUEST_TIMEOUT": (
+        "request_timeout", lambda raw: _number("REQUEST_TIMEOUT", raw, 0.0, 3600.0, True)),
+    "API_KEY": ("api_key", str.strip),
+    "CORS_ORIGINS": ("cors_origins", _origins),
+    "HEALTH_CANARY_SECONDS": (
+        "health_canary_seconds", lambda raw: _number("HEALTH_CANARY_SECONDS", raw, 0.0, 86400.0)),
+    "CLIP_LABELS_WATCH": ("labels_watch", lambda raw: _boolean("CLIP_LABELS_WATCH", raw)),
+    "CLIP_PROMPTS_FILE": ("prompts_file", _path),
 }
 ENV_VARIABLES = tuple(_PARSERS)
+KEEP_EMPTY = {"CORS_ORIGINS"}  # empty is a real value here: no cross-origin access
 
 
 def settings_from_mapping(values: Mapping[str, str | None]) -> Settings:
@@ -199,7 +240,7 @@ def settings_from_mapping(values: Mapping[str, str | None]) -> Settings:
     fields = {}
     for variable, (field, parse) in _PARSERS.items():
         raw = values.get(variable)
-        if raw is None or (raw.strip() == "" and variable != "CLIP_PROMPT_TEMPLATE"):
+        if raw is None or (raw.strip() == "" and variable not in KEEP_EMPTY):
             continue
         fields[field] = parse(raw)
     return Settings(**fields)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from clip_service.labels import LabelsError, load_labels
+from clip_service.labels import LabelsError, load_labels, load_templates
 from clip_service.model import ModelLoadError, fetch_weights
 from clip_service.settings import Settings, SettingsError, load_settings
 
@@ -17,6 +17,7 @@ def preflight() -> Settings:
     """Validated settings whose labels load and whose weights are on disk (downloading them)."""
     settings = load_settings()
     load_labels(settings.labels_dir)
+    load_templates(settings.prompts_file, settings.prompt_template)
     fetch_weights(settings.model_spec)
     return settings
 

@@ -7,8 +7,10 @@ size limit; a wall-clock deadline covers slow-drip servers.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from urllib.parse import urljoin, urlsplit
@@ -96,13 +98,39 @@ def _guarded_new_conn(self) -> socket.socket:
     last_error: OSError | None = None
     for _family, sockaddr in self.guard.resolve(self._dns_host, self.port):
         try:
-            return urllib3_connection.create_connection(
+            sock = urllib3_connection.create_connection(
                 (sockaddr[0], sockaddr[1]), self.timeout,
                 source_address=self.source_address, socket_options=self.socket_options,
             )
         except OSError as error:
             last_error = error
+            continue
+        _watch_socket(sock)
+        return sock
     raise UpstreamFailed(f"Could not connect to {self.host}: {last_error}")
+
+
+_watch = threading.local()  # the current fetch's deadline and timers, per request thread
+
+
+def _watch_socket(sock: socket.socket) -> None:
+    """Shut the socket down at the fetch's deadline.
+
+    Socket timeouts bound each read, not the whole answer: a server that drips one header byte a
+    second would otherwise hold the request for ever.
+    """
+    deadline = getattr(_watch, "deadline", None)
+    if deadline is None:
+        return
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut_down, (sock,))
+    timer.daemon = True
+    timer.start()
+    _watch.timers.append(timer)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def guarded_session(guard: AddressGuard) -> requests.Session:
@@ -147,7 +175,8 @@ def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
     return parts._replace(netloc=netloc).geturl()
 
 
@@ -158,22 +187,34 @@ class UrlFetcher:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.guard = AddressGuard(allowlist)
-        self.session = guarded_session(self.guard)
 
-    def fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.timeout
+    def fetch(self, url: str, deadline: float | None = None) -> bytes:
+        """The body of url; `deadline` (time.monotonic()) is the whole request's, if sooner."""
+        own_deadline = time.monotonic() + self.timeout
+        deadline = own_deadline if deadline is None else min(deadline, own_deadline)
+        # A session per fetch: no pooled connection outlives its fetch's deadline watchdog.
+        _watch.deadline, _watch.timers = deadline, []
+        try:
+            with guarded_session(self.guard) as session:
+                return self._fetch(session, url, deadline)
+        finally:
+            for timer in _watch.timers:
+                timer.cancel()
+            _watch.deadline, _watch.timers = None, []
+
+    def _fetch(self, session: requests.Session, url: str, deadline: float) -> bytes:
         for _hop in range(MAX_REDIRECTS + 1):
             check_url(url)
             try:
-                response = self.session.get(
-                    url, stream=True, allow_redirects=False, timeout=(self.timeout, self.timeout),
+                response = session.get(
+                    url, stream=True, allow_redirects=False, timeout=self._timeouts(deadline),
                     headers={"Accept": "image/*", "Accept-Encoding": "identity",
                              "User-Agent": "clip-service"},
                 )
             except requests.exceptions.InvalidURL as error:
                 raise BadInput(f"Malformed URL: {error}") from None
             except requests.RequestException as error:
-                raise UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}") from None
+                raise self._failure(url, error, deadline) from None
             with response:
                 if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
                     url = urljoin(url, response.headers["location"])
@@ -183,6 +224,18 @@ class UrlFetcher:
                         f"URL {_redact(url)} answered HTTP {response.status_code}, not an image")
                 return self._read_body(response, url, deadline)
         raise UpstreamFailed(f"URL redirected more than {MAX_REDIRECTS} times")
+
+    def _failure(self, url: str, error: Exception, deadline: float) -> UpstreamFailed:
+        if time.monotonic() >= deadline:
+            return UpstreamFailed(f"URL {_redact(url)} took longer than {self.timeout:g} s (URL_TIMEOUT)")
+        return UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}")
+
+    def _timeouts(self, deadline: float) -> tuple[float, float]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamFailed(f"Fetching the URL took longer than the time allowed ({self.timeout:g} s, "
+                                 "URL_TIMEOUT)")
+        return (remaining, remaining)
 
     def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
         declared = response.headers.get("content-length", "")
@@ -202,8 +255,11 @@ class UrlFetcher:
                     raise TooLarge(f"URL body is over the limit of {self.max_bytes} bytes "
                                    "(MAX_IMAGE_BYTES)")
                 if time.monotonic() > deadline:
-                    raise UpstreamFailed(f"URL {_redact(url)} took longer than {self.timeout:g} s "
-                                         "(URL_TIMEOUT)")
+                    raise self._failure(url, TimeoutError(), deadline)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-            raise UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}") from None
+            raise self._failure(url, error, deadline) from None
+        if time.monotonic() >= deadline:  # the watchdog shut the socket: what came is not whole
+            raise self._failure(url, TimeoutError(), deadline)
+        if declared.isdigit() and len(body) < int(declared):
+            raise UpstreamFailed(f"URL {_redact(url)} ended after {len(body)} of {declared} bytes")
         return bytes(body)

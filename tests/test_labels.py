@@ -71,7 +71,7 @@ def test_cache_key_covers_model_template_and_labels(tmp_path, change):
     label_set = LabelSet(("cat", "dog", "bush")) if change == "labels" else LABEL_SET
     label_features(encoder, label_set, template, tmp_path)
     assert encoder.encoded == 3
-    assert len({cache_key(e, t, lbl.labels) for e, t, lbl in [
+    assert len({cache_key(e, (t,), lbl.texts) for e, t, lbl in [
         ("fake-model", "a photo of a {}.", LABEL_SET), (encoder.identity, template, label_set)]}) == 2
 
 

@@ -1,0 +1,439 @@
+"""Speed benchmark: the service exactly as CLIP.sh starts it, against the seed's naive server
+(bench/reference_server.py), same model, same labels, same images, same closed-loop load.
+
+    .venv/bin/python bench/speed.py [--arch ViT-B-32 | --model CLIP_MODEL] [--quick] [--out FILE]
+
+It reports requests/s and p50/p99 latency per input, image size and concurrency (with the ratio
+service/reference), cold and warm start-up, and the service's resident memory under steady load.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import (  # noqa: E402  (bench/ is not a package; it runs as a script)
+    Send,
+    check_answer,
+    file_request,
+    run_closed_loop,
+    upload_request,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4032x3024": (4032, 3024)}
+QUICK_SIZES = ("640x480", "1920x1080")
+PHOTOS = ("astronaut", "chelsea", "coffee")
+INPUTS = ("upload", "file")
+JPEG_QUALITY = 90
+
+# Inherited settings would silently change what is measured: the service runs on CLIP.sh's defaults
+# plus what the benchmark sets and --service-env adds, nothing from the caller's shell.
+_SETTING_PREFIXES = ("CLIP_", "API_", "BATCH_", "EMOJI_", "URL_", "MAX_", "HEALTH_", "CORS_", "LOG_",
+                     "GUNICORN_")
+_SETTING_NAMES = {"PORT", "PRIVATE", "WORKERS", "THREADS", "TORCH_THREADS", "ALLOWED_FILE_ROOTS",
+                  "REQUEST_TIMEOUT"}
+
+
+def log(message: str) -> None:
+    """Progress on stderr: a full run takes minutes, and stdout is kept for the tables."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="any CLIP_MODEL, passed through unchanged (needs its weights)")
+    source.add_argument("--arch", help="an open_clip architecture (e.g. ViT-B-32) written full size "
+                        "with random weights; speed does not depend on the weights")
+    parser.add_argument("--quick", action="store_true",
+                        help="~2 s per cell, concurrency 1 and 16, sizes 640x480 and 1920x1080, "
+                        "memory at requests 100 and 400")
+    parser.add_argument("--seconds", type=float, help="seconds per cell (default 8, --quick 2)")
+    parser.add_argument("--memory-requests", help="the two requests at which RSS is read, e.g. "
+                        "500,2000 (default; --quick 100,400); 0 skips the memory run")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra setting for the service (repeatable), e.g. WORKERS=2")
+    parser.add_argument("--start-timeout", type=float, default=1800,
+                        help="seconds a server may take to become healthy (default 1800)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json",
+                        help="where the JSON goes (default bench/results.json)")
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds or (2.0 if args.quick else 8.0)
+    args.concurrencies = (1, 16) if args.quick else (1, 4, 16)
+    args.sizes = QUICK_SIZES if args.quick else tuple(SIZES)
+    args.memory_at = _memory_checkpoints(args.memory_requests or ("100,400" if args.quick else "500,2000"))
+    args.extra_env = dict(_key_value(item, parser) for item in args.service_env)
+    return args
+
+
+def _memory_checkpoints(raw: str) -> tuple[int, int] | None:
+    if raw.strip() == "0":
+        return None
+    first, second = (int(part) for part in raw.split(","))
+    if not 0 < first < second:
+        raise SystemExit("--memory-requests needs two counts, the first smaller, e.g. 500,2000")
+    return first, second
+
+
+def _key_value(item: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        parser.error(f"--service-env {item}: expected KEY=VALUE")
+    return key, value
+
+
+def prepare_model(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
+    """The CLIP_MODEL both servers get, and a description of it for the results."""
+    if args.model:
+        return args.model, f"{args.model} (passed through)"
+    sys.path.insert(0, str(ROOT / "tests"))
+    import open_clip
+    from tiny_clip import write_tiny_clip
+
+    if args.arch:
+        config = open_clip.get_model_config(args.arch)
+        if config is None:
+            raise SystemExit(f"--arch {args.arch}: not an open_clip architecture; see "
+                             "open_clip.list_models()")
+        write_tiny_clip(folder, model_cfg=config)
+        return f"local-dir:{folder}", f"{args.arch}, full size, random weights"
+    write_tiny_clip(folder)
+    return f"local-dir:{folder}", "tests/tiny_clip.py tiny model (random weights)"
+
+
+def make_images(folder: Path, sizes: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Real photos (skimage's astronaut, chelsea, coffee), cropped to each size's aspect, JPEG q90."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS}
+    images = {}
+    for size in sizes:
+        images[size] = []
+        for name, photo in photos.items():
+            path = folder / f"{name}-{size}.jpg"
+            ImageOps.fit(photo, SIZES[size], Image.Resampling.LANCZOS).save(path, quality=JPEG_QUALITY)
+            images[size].append(path)
+    return images
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (also used as the emoji API's closed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_environ() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items()
+            if not key.startswith(_SETTING_PREFIXES) and key not in _SETTING_NAMES}
+
+
+def git_state() -> dict:
+    """Which code was measured: others edit the service while benchmarks run."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+# -------------------------------------------------------------------------------------------- servers
+
+
+class Server:
+    """A server in its own process group, so stopping it also stops every worker it forked."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log_path: Path):
+        self.name, self.command, self.env, self.port, self.log_path = name, command, env, port, log_path
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.started = time.perf_counter()
+            self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> tuple[float, dict]:
+        """Seconds from process start to the first /health 200, and that answer."""
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}) during start-up:\n"
+                                   f"{self.log_tail()}")
+            try:
+                response = requests.get(f"{self.base}/health", timeout=2)
+                if response.status_code == 200:
+                    return time.perf_counter() - self.started, response.json()
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} was not healthy after {timeout:g} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout=wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def rss_bytes(self) -> dict[int, int]:
+        """VmRSS of every live process in the group (gunicorn master and workers), by pid."""
+        return {pid: _vm_rss(pid) for pid in _process_group(self.process.pid)}
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp
+            pids.append(int(entry.name))
+    return pids
+
+
+def _vm_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def service_server(args, clip_model: str, work: Path, name: str) -> Server:
+    """The service as CLIP.sh starts it; only the settings the benchmark needs are set."""
+    env = clean_environ()
+    env.update({
+        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_ENV_FILE": "/nonexistent",
+        "CLIP_MODEL": clip_model, "CLIP_CACHE_DIR": str(work / "cache"),
+        "ALLOWED_FILE_ROOTS": str(work / "images"),
+        "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "API_TIMEOUT": "0.2",
+        **args.extra_env,
+    })
+    return Server(name, [str(ROOT / "CLIP.sh")], env, int(env["PORT"]), work / f"{name}.log")
+
+
+def reference_server(clip_model: str, work: Path) -> Server:
+    port = free_port()
+    command = [sys.executable, str(ROOT / "bench" / "reference_server.py"), "--port", str(port),
+               "--model", clip_model, "--labels-dir", str(ROOT / "labels")]
+    return Server("reference", command, clean_environ(), port, work / "reference.log")
+
+
+def start(server: Server, running: list[Server], timeout: float) -> dict:
+    running.append(server)
+    server.start()
+    seconds, health = server.wait_healthy(timeout)
+    log(f"{server.name}: healthy after {seconds:.1f} s ({health.get('device')}, "
+        f"{health.get('num_labels')} labels)")
+    return {"seconds": round(seconds, 2), "health": health}
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def rotate(sends: list[Send]) -> Send:
+    """Each request takes the next photo, so no server can profit from one image being repeated."""
+    counter = itertools.count()
+    return lambda session: sends[next(counter) % len(sends)](session)
+
+
+def make_send(server: Server, kind: str, paths: list[Path]) -> Send:
+    url = f"{server.base}/analyze"
+    if kind == "upload":
+        return rotate([upload_request(url, path.read_bytes(), path.name) for path in paths])
+    return rotate([file_request(url, str(path)) for path in paths])
+
+
+def measure_cell(server: Server, kind: str, paths: list[Path], concurrency: int, seconds: float) -> dict:
+    """Warm up (a checked answer, then a few requests at this concurrency), then a timed run."""
+    send = make_send(server, kind, paths)
+    check_answer(send)
+    run_closed_loop(send, concurrency, total=max(3, concurrency))
+    return run_closed_loop(send, concurrency, seconds=seconds).summary()
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+def run_matrix(args, service: Server, reference: Server, images: dict[str, list[Path]]) -> list[dict]:
+    """Every cell, service then reference back to back, so both see the same machine conditions."""
+    cells = []
+    for kind, size, concurrency in itertools.product(INPUTS, args.sizes, args.concurrencies):
+        cell = {"input": kind, "size": size, "concurrency": concurrency}
+        for server in (service, reference):
+            cell[server.name] = measure_cell(server, kind, images[size], concurrency, args.seconds)
+        cell["ratio"] = {
+            "requests_per_s": ratio(cell["service"]["requests_per_s"], cell["reference"]["requests_per_s"]),
+            "p50": ratio(cell["service"]["p50_ms"], cell["reference"]["p50_ms"]),
+        }
+        log(f"{kind} {size} c={concurrency}: service {cell['service']['requests_per_s']} req/s, "
+            f"reference {cell['reference']['requests_per_s']} req/s")
+        cells.append(cell)
+    return cells
+
+
+def measure_memory(service: Server, paths: list[Path], checkpoints: tuple[int, int]) -> dict:
+    """RSS of the whole process group at two points of one steady upload load (concurrency 4)."""
+    readings = {"idle": sum(service.rss_bytes().values())}
+
+    def on_answer(number: int) -> None:
+        if number in checkpoints:
+            readings[number] = sum(service.rss_bytes().values())
+
+    send = make_send(service, "upload", paths)
+    result = run_closed_loop(send, 4, total=checkpoints[1], on_answer=on_answer).summary()
+    first, second = readings[checkpoints[0]], readings[checkpoints[1]]
+    mib = 1024 * 1024
+    return {
+        "load": "upload 640x480, concurrency 4", "processes": len(service.rss_bytes()),
+        "rss_idle_mib": round(readings["idle"] / mib, 1),
+        f"rss_at_{checkpoints[0]}_mib": round(first / mib, 1),
+        f"rss_at_{checkpoints[1]}_mib": round(second / mib, 1),
+        "growth_percent": round((second - first) / first * 100, 2),
+        "errors": result["errors"], "error_kinds": result["error_kinds"],
+        "requests_per_s": result["requests_per_s"],
+    }
+
+
+# -------------------------------------------------------------------------------------------- reports
+
+
+def _number(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(cells: list[dict]) -> str:
+    header = (f"{'server':<10} {'input':<7} {'size':<10} {'conc':>4} {'req/s':>8} {'p50 ms':>9} "
+              f"{'p99 ms':>9} {'errors':>6} {'x req/s':>8} {'x p50':>7}")
+    lines = [header, "-" * len(header)]
+    for cell in cells:
+        for name in ("service", "reference"):
+            row = cell[name]
+            ratios = cell["ratio"]
+            ratios = (f"{_number(ratios['requests_per_s'], 2):>8} {_number(ratios['p50'], 2):>7}"
+                      if name == "service" else "")
+            lines.append(f"{name:<10} {cell['input']:<7} {cell['size']:<10} {cell['concurrency']:>4} "
+                         f"{row['requests_per_s']:>8.2f} {_number(row['p50_ms']):>9} "
+                         f"{_number(row['p99_ms']):>9} {row['errors']:>6} {ratios}".rstrip())
+    lines.append("x req/s: service/reference requests per second (higher is better); "
+                 "x p50: service/reference median latency (lower is better)")
+    return "\n".join(lines)
+
+
+def format_summary(results: dict) -> str:
+    startup = results["startup"]
+    lines = [f"model: {results['model']}",
+             f"start-up to /health 200: service cold {startup['service_cold']['seconds']} s, "
+             f"warm {startup['service_warm']['seconds']} s; reference {startup['reference']['seconds']} s"]
+    memory = results.get("memory")
+    if memory:
+        counts = [key for key in memory if key.startswith("rss_at_")]
+        lines.append(f"service RSS ({memory['processes']} processes, {memory['load']}): idle "
+                     f"{memory['rss_idle_mib']} MiB, " + ", ".join(
+                         f"request {key[7:-4]} {memory[key]} MiB" for key in counts)
+                     + f", growth {memory['growth_percent']} %, errors {memory['errors']}")
+    return "\n".join(lines)
+
+
+def metadata(args, model_note: str, images: dict[str, list[Path]]) -> dict:
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "code": git_state(),
+        "model": model_note,
+        "settings": {"seconds_per_cell": args.seconds, "concurrencies": list(args.concurrencies),
+                     "sizes": list(args.sizes), "inputs": list(INPUTS), "quick": args.quick,
+                     "service_env": args.extra_env},
+        "images": {size: [{"name": p.name, "bytes": p.stat().st_size} for p in paths]
+                   for size, paths in images.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def benchmark(args, work: Path, running: list[Server]) -> dict:
+    clip_model, model_note = prepare_model(args, work / "model")
+    log(f"model: {model_note}")
+    images = make_images(work / "images", args.sizes)
+    results = metadata(args, model_note, images)
+    cold = service_server(args, clip_model, work, "service-cold")
+    results["startup"] = {"service_cold": start(cold, running, args.start_timeout)}
+    cold.stop()
+    service = service_server(args, clip_model, work, "service")
+    results["startup"]["service_warm"] = start(service, running, args.start_timeout)
+    if args.memory_at:
+        log(f"memory: {args.memory_at[1]} uploads at concurrency 4")
+        results["memory"] = measure_memory(service, images["640x480"], args.memory_at)
+    reference = reference_server(clip_model, work)
+    results["startup"]["reference"] = start(reference, running, args.start_timeout)
+    results["cells"] = run_matrix(args, service, reference, images)
+    results["rss_after_matrix_mib"] = {server.name: round(sum(server.rss_bytes().values()) / 2**20, 1)
+                                       for server in (service, reference)}
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    running: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="clip-bench-") as tmp:
+        try:
+            results = benchmark(args, Path(tmp), running)
+        finally:
+            for server in running:
+                server.stop()
+    print(format_table(results["cells"]))
+    print()
+    print(format_summary(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Dynamic micro-batching: concurrent requests in one worker share one forward pass.
+
+A request's image waits at most BATCH_WAIT_MS for others, and only while other requests are on their
+way (being fetched or decoded); a lone request runs at once. A batch that runs out of GPU memory is
+split and retried, so one big batch never fails the requests in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from clip_service.errors import DeadlineExceeded, NotReady
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class _Pending:
+    __slots__ = ("pixels", "done", "result", "error", "abandoned")
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+        self.done = threading.Event()
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
+class MicroBatcher:
+    """Collects (3, H, W) inputs from many threads and encodes them in batches on one thread."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
+                 max_wait_s: float, arriving: Callable[[], int] = lambda: 0):
+        self.encode = encode
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.arriving = arriving  # requests in this worker that may submit soon
+        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics and tests
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, pixels: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """One input -> its (D,) feature; raises DeadlineExceeded after `timeout` seconds."""
+        self._ensure_thread()
+        pending = _Pending(pixels)
+        self._queue.put(pending)
+        if not pending.done.wait(timeout):
+            pending.abandoned = True
+            raise DeadlineExceeded(f"The model did not answer within {timeout:.1f} s "
+                                   "(REQUEST_TIMEOUT); the service is overloaded, retry later")
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _ensure_thread(self) -> None:
+        # Started on first use, in the worker process: threads do not survive gunicorn's fork.
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="clip-batcher", daemon=True)
+                self._thread.start()
+
+    def _collect(self) -> list[_Pending]:
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.arriving() <= len(batch):
+                break
+            try:
+                batch.append(self._queue.get(timeout=min(remaining, 0.0005)))
+            except queue.Empty:
+                continue
+        return [pending for pending in batch if not pending.abandoned]
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch:
+                self._encode(batch)
+
+    def _encode(self, batch: list[_Pending]) -> None:
+        try:
+            features = self.encode(torch.stack([pending.pixels for pending in batch]))
+        except Exception as error:  # handed to the waiting requests; the batcher thread lives on
+            if is_out_of_memory(error):
+                self._release_memory()
+                if len(batch) > 1:
+                    log.warning("Out of memory on a batch of %d; splitting it", len(batch))
+                    middle = len(batch) // 2
+                    self._encode(batch[:middle])
+                    self._encode(batch[middle:])
+                    return
+                error = NotReady("The model ran out of memory on this image; retry shortly")
+            for pending in batch:
+                pending.error = error
+                pending.done.set()
+            return
+        self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        for pending, feature in zip(batch, features, strict=True):
+            pending.result = feature
+            pending.done.set()
+
+    @staticmethod
+    def _release_memory() -> None:
+        """Only after an out-of-memory error: hand cached blocks back before the retry."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()

@@ -1,0 +1,125 @@
+"""The web page at GET /: served self-contained with its headers, and working in a real browser.
+
+The browser test runs the real app on a loopback port and drives Debian's chromium through Playwright.
+Set CLIP_SCREENSHOT=path to also save a screenshot of the page showing results (docs/web-page.png).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from clip_service.web import SECURITY_HEADERS
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_page_is_self_contained_html_with_csp(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    assert response.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+    assert "connect-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    html = response.get_data(as_text=True)
+    assert "<title>" in html and 'id="file"' in html and 'id="url"' in html
+    lowered = html.lower()
+    for forbidden in ("<script src", "<link", "@import", "url(http", "url(//"):
+        assert forbidden not in lowered, forbidden
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", lowered)
+
+
+def test_static_route_gets_the_same_headers(client):
+    response = client.get("/static/index.html")
+    assert response.status_code == 200
+    assert response.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.fixture
+def live_url(app):
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def page(live_url):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            # An HTTP error status or a refused request is logged too; those are expected, not bugs.
+            page.on("console", lambda msg: errors.append(msg.text)
+                    if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+            page.goto(live_url)
+            yield page
+            assert errors == []  # no script errors, no CSP violations
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, quality=90)
+    return path
+
+
+def test_upload_shows_predictions_in_browser(page, photo):
+    page.set_input_files("#file", str(photo))
+    rows = page.locator("#predictions li.row")
+    rows.nth(9).wait_for(timeout=30_000)
+    assert rows.count() == 10  # threshold 0 in the test settings, ten labels
+    for i in range(10):
+        row = rows.nth(i)
+        assert row.locator(".label").inner_text().strip()
+        assert re.fullmatch(r"\d+(\.\d+)?%", row.locator(".pct").inner_text().strip())
+        assert re.fullmatch(r"\d+(\.\d+)?%", row.locator(".bar").evaluate("bar => bar.style.width"))
+    cat = rows.filter(has=page.locator(".label", has_text=re.compile(r"^cat$")))
+    assert cat.count() == 1
+    assert cat.locator(".emoji").inner_text() == "🐱"
+    assert "OpenCLIP" in page.locator("#meta").inner_text()
+    assert "cpu" in page.locator("#meta").inner_text()
+    assert " ms" in page.locator("#meta").inner_text() or " s" in page.locator("#meta").inner_text()
+    assert page.locator("#preview").get_attribute("src").startswith("blob:")
+    assert "chelsea.jpg" in page.locator("#preview").get_attribute("alt")
+    assert page.locator("#status").inner_text().startswith("Most likely:")
+    if shot := os.environ.get("CLIP_SCREENSHOT"):
+        Path(shot).parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=shot, full_page=True)
+
+
+def test_url_error_is_shown_in_plain_words(page):
+    page.fill("#url", "http://127.0.0.1:9/x.jpg")
+    page.click("#url-button")
+    status = page.locator("#status.error")
+    status.wait_for(timeout=30_000)
+    text = status.inner_text()
+    assert "loopback" in text and "not allowed" in text, text
+    assert page.locator("#predictions li").count() == 0
+
+
+def test_network_failure_is_shown_in_plain_words(page, live_url):
+    page.route("**/analyze**", lambda route: route.abort("connectionrefused"))
+    page.fill("#url", "https://example.com/cat.jpg")
+    page.click("#url-button")
+    status = page.locator("#status.error")
+    status.wait_for(timeout=30_000)
+    assert "Could not reach the service" in status.inner_text()
