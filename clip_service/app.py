@@ -7,6 +7,7 @@ import logging
 
 from flask import Flask, Request
 
+from clip_service.access import install_access_control
 from clip_service.model import ClipEngine
 from clip_service.routes import bp
 from clip_service.service import ClipService
@@ -37,6 +38,7 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     service = ClipService(settings, engine=engine)
     app.extensions["clip_service"] = service
     app.register_blueprint(bp)
+    install_access_control(app, settings.api_key, settings.cors_origins)
     app.register_blueprint(web_bp)
     service.start()
     return app

@@ -241,8 +241,13 @@ class ClipEngine:
         tower is causal and pooled at the end-of-text token, so padding after it changes nothing
         but costs most of the time (labels are 5-10 tokens of a 77-token context).
         """
-        tokens = self.tokenizer(texts)  # (N, context)
+        tokens = self.tokenizer(texts)  # (N, context); the tokenizer cuts what does not fit
         lengths = self._token_lengths(tokens)
+        if lengths is not None and bool((lengths == tokens.shape[1]).any()):
+            cut = [text for text, length in zip(texts, lengths.tolist(), strict=True)
+                   if length == tokens.shape[1]]
+            log.warning("%d text(s) fill the model's %d-token context and may have been cut, e.g. %r",
+                        len(cut), tokens.shape[1], cut[0][:80])
         order = torch.argsort(lengths) if lengths is not None else torch.arange(len(texts))
         features = [None] * len(texts)
         with self._text_lock, torch.inference_mode():

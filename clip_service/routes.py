@@ -46,7 +46,7 @@ def _start_clock():
 @bp.get("/health")
 def health():
     body = _service().health()
-    return jsonify(body), 200 if body["model_status"] == "loaded" else 503
+    return jsonify(body), 200 if body["status"] == "healthy" else 503
 
 
 def _single(name: str) -> str | None:

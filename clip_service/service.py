@@ -18,7 +18,7 @@ from PIL import Image
 
 from clip_service.batching import MicroBatcher
 from clip_service.emoji import EmojiMapper, load_dictionary
-from clip_service.errors import NotReady, Overloaded
+from clip_service.errors import NotReady, Overloaded, ServiceError
 from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file
 from clip_service.labels import LabelSet, label_features, load_labels, load_templates
 from clip_service.model import ClipEngine, load_engine
@@ -90,6 +90,8 @@ class ClipService:
         self._engine_loader = engine_loader or (
             lambda: load_engine(settings.model_spec, settings.device))
         self._settled = threading.Event()
+        self._stopped = threading.Event()
+        self.inference_error: str | None = None  # set by a failing canary or request, cleared by success
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
@@ -130,6 +132,8 @@ class ClipService:
                 engine.encode_images, self.settings.batch_max_size or default_batch_size(engine),
                 self.settings.batch_wait_ms / 1000, arriving=lambda: self._in_flight)
             self.classifier = classifier
+            if self.settings.health_canary_seconds > 0:
+                threading.Thread(target=self._canary_loop, name="clip-canary", daemon=True).start()
             self.status = LOADED
             log.info("Ready: %s on %s with %d labels", engine.name, engine.device,
                      len(self.classifier.label_set))
@@ -140,11 +144,46 @@ class ClipService:
         finally:
             self._settled.set()
 
+    def stop(self) -> None:
+        self._stopped.set()
+        self.emoji.stop()
+
+    def _canary_loop(self) -> None:
+        """Readiness that means something: a tiny inference every HEALTH_CANARY_SECONDS.
+
+        While inference fails the canary runs every second, so health recovers promptly.
+        """
+        probe = Image.new("RGB", self.classifier.engine.input_size[::-1], (128, 128, 128))
+        interval = self.settings.health_canary_seconds
+        while not self._stopped.wait(min(interval, 1.0) if self.inference_error else interval):
+            self.check_inference(probe)
+
+    def check_inference(self, image: Image.Image) -> bool:
+        try:
+            features = self.classifier.image_features(image, timeout=self.settings.request_timeout)
+            if not bool(torch.isfinite(features).all()):
+                raise RuntimeError("the model returned non-finite features")
+        except Exception as error:  # whatever broke inference is what health must report
+            self._inference_failed(error)
+            return False
+        if self.inference_error:
+            log.warning("Inference works again")
+        self.inference_error = None
+        return True
+
+    def _inference_failed(self, error: BaseException) -> None:
+        if self.inference_error is None:
+            log.error("Inference failed: %s: %s", type(error).__name__, error)
+        self.inference_error = f"{type(error).__name__}: {error}"
+
     def health(self) -> dict:
         if self.status == LOADED:
             engine = self.classifier.engine
-            return {"status": "healthy", "model_status": LOADED, "device": str(engine.device),
+            body = {"status": "healthy", "model_status": LOADED, "device": str(engine.device),
                     "num_labels": len(self.classifier.label_set), "model": engine.name}
+            if self.inference_error:
+                body.update(status="unhealthy", error=f"Inference is failing: {self.inference_error}")
+            return body
         body = {"status": "unhealthy", "model_status": self.status, "device": None, "num_labels": 0}
         if self.error:
             body["error"] = self.error
@@ -177,5 +216,13 @@ class ClipService:
 
     def analyze(self, image: Image.Image, deadline: float | None = None) -> list[Prediction]:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.ready_classifier().classify(
-            image, self.settings.confidence_threshold, self.settings.max_predictions, timeout)
+        try:
+            predictions = self.ready_classifier().classify(
+                image, self.settings.confidence_threshold, self.settings.max_predictions, timeout)
+        except ServiceError:
+            raise
+        except Exception as error:  # a broken device: health must say so until inference works
+            self._inference_failed(error)
+            raise
+        self.inference_error = None
+        return predictions

@@ -341,10 +341,18 @@ def load_classifier(settings: Settings, emoji_api: bool = False) -> Classifier:
     return build_classifier(settings, engine, cli_emoji(settings, emoji_api))
 
 
-def read_image(path: Path, limits: ImageLimits) -> tuple[Image.Image | None, str | None]:
-    """(image, None), or (None, why not): the server's file reading and decoding, same limits."""
+def read_image(path: Path, limits: ImageLimits,
+               draft_size: tuple[int, int] | None = None) -> tuple[Image.Image | None, str | None]:
+    """(image, None), or (None, why not): the server's file reading and decoding, same limits.
+
+    draft_size is the model's input size, as the server passes it (JPEGs decode at a reduced scale
+    that still covers it), so a photo gets the same pixels, and tags, here as there.
+    """
     try:
-        return decode_image(read_file(str(path), path, limits.max_bytes), limits), None
+        data = read_file(str(path), path, limits.max_bytes)
+        if draft_size is None:
+            return decode_image(data, limits), None
+        return decode_image(data, limits, draft_size), None
     except ServiceError as error:
         return None, error.message
     except Exception as error:  # a decoder bug on one odd file must not end a library run
@@ -377,10 +385,17 @@ def prefetch(function: Callable[[T], R], items: Iterable[T], workers: int = DECO
 def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, limits: ImageLimits,
               output: IO[str], summary: Summary) -> None:
     """Classify each pending file and write its record at once; a bad file is logged and counted."""
+    draft_size = getattr(classifier.engine, "input_size", None)
+
+    def read(relative: Path) -> tuple[Image.Image | None, str | None]:
+        return read_image(options.folder / relative, limits, draft_size)
+
     bar = tqdm(total=len(pending), unit="img", disable=not options.progress, dynamic_ncols=True)
     try:
-        with logging_redirect_tqdm(), contextlib.closing(
-                prefetch(lambda relative: read_image(options.folder / relative, limits), pending)) as results:
+        # Log lines go above the bar instead of through it (only while there is a bar: the redirect
+        # adds a console handler even where logging had none).
+        redirect = logging_redirect_tqdm() if options.progress else contextlib.nullcontext()
+        with redirect, contextlib.closing(prefetch(read, pending)) as results:
             for relative, (image, problem) in results:
                 if image is not None:
                     try:

@@ -136,7 +136,7 @@ def make_app():
 
     yield make
     for app in apps:
-        app.extensions["clip_service"].emoji.stop()
+        app.extensions["clip_service"].stop()
 
 
 @pytest.fixture

@@ -269,4 +269,6 @@ def test_unexpected_error_is_500_without_details(make_app, settings, tiny_engine
     client = make_app(settings, engine=engine).test_client()
     message = assert_error(upload(client, image_bytes()), 500)
     assert "secret" not in message
-    assert client.get("/health").status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 503, "a failing model is not healthy"
+    assert "Inference is failing" in health.get_json()["error"]

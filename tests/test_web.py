@@ -6,6 +6,7 @@ Set CLIP_SCREENSHOT=path to also save a screenshot of the page showing results (
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import threading
@@ -41,11 +42,16 @@ def test_static_route_gets_the_same_headers(client):
     assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
-@pytest.fixture
-def live_url(app):
+def serve(app):
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    return server
+
+
+@pytest.fixture
+def live_url(app):
+    server = serve(app)
     yield f"http://127.0.0.1:{server.server_port}/"
     server.shutdown()
     server.server_close()
@@ -123,3 +129,19 @@ def test_network_failure_is_shown_in_plain_words(page, live_url):
     status = page.locator("#status.error")
     status.wait_for(timeout=30_000)
     assert "Could not reach the service" in status.inner_text()
+
+
+def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
+    server = serve(make_app(dataclasses.replace(settings, api_key="s3cret")))
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_port}/")
+        page.set_input_files("#file", str(photo))
+        page.locator("#status.error").wait_for(timeout=30_000)
+        assert "API key" in page.locator("#status").inner_text()
+        assert page.locator("#key-box").get_attribute("open") is not None
+        page.fill("#key", "s3cret")
+        page.set_input_files("#file", str(photo))
+        page.locator("#predictions li.row").nth(9).wait_for(timeout=30_000)
+    finally:
+        server.shutdown()
+        server.server_close()
