@@ -1,0 +1,131 @@
+"""The fast paths give the same answers as the plain ones (issue: speed). Nothing here is timed."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_clip import TINY_CONFIG, write_tiny_clip
+
+from clip_service.batching import MicroBatcher
+from clip_service.image_input import ImageLimits, decode_image
+from clip_service.model import load_engine, parse_model_spec
+from clip_service.scoring import label_probabilities
+
+LIMITS = ImageLimits(64 * 1024 * 1024, 100_000_000)
+
+
+@pytest.fixture(scope="module")
+def deep_text_engine(tmp_path_factory):
+    """A tiny model with a 3-layer text tower, so the causal cut is tested through several layers."""
+    config = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "layers": 3}}
+    folder = write_tiny_clip(tmp_path_factory.mktemp("deep-text"), seed=3, model_cfg=config)
+    return load_engine(parse_model_spec(f"local-dir:{folder}"), "cpu")
+
+
+def full_context_features(engine, texts):
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(engine.model.encode_text(engine.tokenizer(texts)).float(), dim=-1)
+
+
+def test_short_context_text_features_equal_the_full_77_token_path(deep_text_engine):
+    texts = ["a photo of a cat.", "a photo of a golden retriever puppy playing in the snow.", "x",
+             "art of the {}.", "itap of a red double-decker bus in london.", "a photo of a " + "very " * 30]
+    fast = deep_text_engine.encode_texts(texts, batch_size=4)
+    assert fast.shape == (len(texts), 32)
+    assert torch.allclose(fast, full_context_features(deep_text_engine, texts), atol=1e-5)
+
+
+def test_long_text_is_cut_with_a_warning_not_an_error(deep_text_engine, caplog):
+    long_text = "a photo of " + "a very big and " * 60 + "cat."
+    features = deep_text_engine.encode_texts([long_text, "a cat"])
+    assert torch.isfinite(features).all()
+    assert "context" in caplog.text
+
+
+def test_uint8_preparation_matches_open_clips_float_transform(deep_text_engine):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    prepared = deep_text_engine.prepare(image)
+    assert prepared.dtype == torch.uint8 and prepared.shape == (3, 64, 64)
+    reference = deep_text_engine.preprocess(image)
+    fast = deep_text_engine.encode_images(prepared.unsqueeze(0))
+    plain = deep_text_engine.encode_images(reference.unsqueeze(0))
+    assert torch.allclose(fast, plain, atol=1e-5)
+
+
+def photos():
+    """Real photos enlarged to 12 MP JPEGs, as the speed issue measured them."""
+    import matplotlib.cbook
+    import skimage.data
+
+    arrays = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(),
+              "chelsea": skimage.data.chelsea(), "rocket": skimage.data.rocket()}
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        arrays["grace_hopper"] = np.asarray(Image.open(handle).convert("RGB"))
+    for name, array in arrays.items():
+        buffer = io.BytesIO()
+        Image.fromarray(array).resize((4032, 3024), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        yield name, buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, data", list(photos()), ids=lambda value: value if isinstance(value, str) else "")
+def test_draft_decoding_keeps_the_model_input_close(deep_text_engine, name, data):
+    full = decode_image(data, LIMITS)
+    draft = decode_image(data, LIMITS, deep_text_engine.input_size)
+    assert full.size == (4032, 3024)
+    assert draft.size[0] < full.size[0] and min(draft.size) >= 64  # decoded smaller, still covering
+    difference = (deep_text_engine.prepare(full).float() - deep_text_engine.prepare(draft).float()).abs()
+    assert difference.mean().item() < 2.0, f"{name}: mean absolute difference {difference.mean():.2f}"
+
+
+def test_draft_keeps_exif_orientation(deep_text_engine):
+    image = Image.new("RGB", (1600, 800), (200, 20, 20))
+    image.paste((20, 20, 200), (0, 0, 800, 800))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    full = decode_image(buffer.getvalue(), LIMITS)
+    draft = decode_image(buffer.getvalue(), LIMITS, deep_text_engine.input_size)
+    assert full.size == (800, 1600) and draft.size[0] < draft.size[1]
+
+
+def test_batched_answers_equal_unbatched(deep_text_engine):
+    rng = np.random.default_rng(1)
+    inputs = [deep_text_engine.prepare(Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)))
+              for _ in range(12)]
+    alone = [deep_text_engine.encode_images(pixels.unsqueeze(0))[0] for pixels in inputs]
+    batcher = MicroBatcher(deep_text_engine.encode_images, max_batch=8, max_wait_s=0.05,
+                           arriving=lambda: 12)
+    results = [None] * len(inputs)
+
+    def submit(index):
+        results[index] = batcher.submit(inputs[index], timeout=30)
+
+    threads = [threading.Thread(target=submit, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert max(batcher.batch_sizes) > 1, "concurrent requests shared a forward pass"
+    labels = deep_text_engine.encode_texts([f"a photo of a {word}." for word in ("cat", "dog", "car", "tree")])
+    for one, batched in zip(alone, results, strict=True):
+        assert torch.allclose(one, batched, atol=1e-4)
+        confidences = [label_probabilities(f[None], labels, deep_text_engine.logit_scale)[0]
+                       for f in (one, batched)]
+        assert (confidences[0] - confidences[1]).abs().max() < 5e-4  # same to the third decimal
+
+
+def test_lone_request_does_not_wait_for_company(deep_text_engine):
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return deep_text_engine.encode_images(pixels)
+
+    batcher = MicroBatcher(encode, max_batch=8, max_wait_s=10.0, arriving=lambda: 1)
+    pixels = deep_text_engine.prepare(Image.new("RGB", (64, 64)))
+    assert batcher.submit(pixels, timeout=5).shape == (32,)
+    assert calls == [1]
