@@ -27,7 +27,8 @@ def deep_text_engine(tmp_path_factory):
 
 def full_context_features(engine, texts):
     with torch.inference_mode():
-        return torch.nn.functional.normalize(engine.model.encode_text(engine.tokenizer(texts)).float(), dim=-1)
+        features = engine.model.encode_text(engine.tokenizer(texts)).float()
+    return torch.nn.functional.normalize(features, dim=-1)
 
 
 def test_short_context_text_features_equal_the_full_77_token_path(deep_text_engine):
@@ -70,7 +71,10 @@ def photos():
         yield name, buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, data", list(photos()), ids=lambda value: value if isinstance(value, str) else "")
+PHOTOS = list(photos())
+
+
+@pytest.mark.parametrize("name, data", PHOTOS, ids=[name for name, _ in PHOTOS])
 def test_draft_decoding_keeps_the_model_input_close(deep_text_engine, name, data):
     full = decode_image(data, LIMITS)
     draft = decode_image(data, LIMITS, deep_text_engine.input_size)
@@ -110,7 +114,7 @@ def test_batched_answers_equal_unbatched(deep_text_engine):
     for thread in threads:
         thread.join(30)
     assert max(batcher.batch_sizes) > 1, "concurrent requests shared a forward pass"
-    labels = deep_text_engine.encode_texts([f"a photo of a {word}." for word in ("cat", "dog", "car", "tree")])
+    labels = deep_text_engine.encode_texts([f"a photo of a {word}." for word in ("cat", "dog", "car")])
     for one, batched in zip(alone, results, strict=True):
         assert torch.allclose(one, batched, atol=1e-4)
         confidences = [label_probabilities(f[None], labels, deep_text_engine.logit_scale)[0]
