@@ -4,9 +4,21 @@ Each worker loads its own model after the fork (CUDA does not survive a fork), s
 preloaded in the master.
 """
 
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
 
-from clip_service.startup import preflight_or_exit
+# prometheus_client picks its storage when first imported: multiprocess files must be set up before
+# anything imports it, so /metrics can add up every worker's samples.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clip-service-metrics-")
+    _OWN_METRICS_DIR = True
+else:
+    _OWN_METRICS_DIR = False
+
+from clip_service.startup import preflight_or_exit  # noqa: E402
 
 _settings = preflight_or_exit()
 
@@ -17,20 +29,54 @@ workers = _settings.workers or 1
 # Threads overlap network and decoding with inference inside a worker.
 threads = _settings.threads or 8
 # Loading happens in a background thread, so the heartbeat only has to cover a slow request.
-timeout = 120
-graceful_timeout = 30
+timeout = max(120, int(_settings.request_timeout) * 2)
+graceful_timeout = max(30, int(_settings.request_timeout) + 5)
 keepalive = 5
 preload_app = False
-# gunicorn 23+ opens a control socket at one fixed path per user; several instances would collide.
+# gunicorn 25+ opens a control socket at one fixed path per user; several instances would collide.
 control_socket_disable = True
-accesslog = "-"
+# The app logs one line per request itself, without query strings (URLs can carry credentials).
+accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 limit_request_line = 8190
+
+
+def when_ready(server):
+    """SIGHUP to the master reloads the labels in every worker, instead of restarting them."""
+    def forward_hup(arbiter=server):
+        arbiter.log.info("SIGHUP: reloading labels in %d worker(s)", len(arbiter.WORKERS))
+        for pid in list(arbiter.WORKERS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    server.handle_hup = forward_hup
 
 
 def post_fork(server, worker):
     """Split the cores between workers so they do not oversubscribe the CPU."""
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(_settings.torch_threads or max(1, (os.cpu_count() or 1) // workers))
+
+
+def post_worker_init(worker):
+    service = worker.wsgi.extensions["clip_service"]
+
+    def reload_labels(signum, frame):
+        import threading
+
+        threading.Thread(target=service.reload_labels, name="clip-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, reload_labels)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import logging
 
 from flask import Flask, Request
 
 from clip_service.access import install_access_control
+from clip_service.logs import configure_logging, install_request_logging
 from clip_service.model import ClipEngine
 from clip_service.routes import bp
 from clip_service.service import ClipService
@@ -27,10 +27,8 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     """A ready-to-serve app; the model (unless `engine` is given) loads in the background."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # open_clip logs its every step on the root logger at INFO; only ours follow LOG_LEVEL.
-    logging.getLogger("clip_service").setLevel(settings.log_level)
-    app = Flask(__name__)
+    configure_logging(settings.log_level, settings.log_format)
+    app = Flask(__name__, static_folder=None)  # the page is served by web.py, with its headers
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_OVERHEAD
     app.json.ensure_ascii = False  # emoji as characters, not \u escapes
@@ -39,6 +37,7 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     app.extensions["clip_service"] = service
     app.register_blueprint(bp)
     install_access_control(app, settings.api_key, settings.cors_origins)
+    install_request_logging(app)
     app.register_blueprint(web_bp)
     service.start()
     return app

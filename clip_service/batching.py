@@ -39,11 +39,13 @@ class MicroBatcher:
     """Collects (3, H, W) inputs from many threads and encodes them in batches on one thread."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
-                 max_wait_s: float, arriving: Callable[[], int] = lambda: 0):
+                 max_wait_s: float, arriving: Callable[[], int] = lambda: 0,
+                 on_batch: Callable[[int], None] = lambda size: None):
         self.encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.arriving = arriving  # requests in this worker that may submit soon
+        self.on_batch = on_batch
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics and tests
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -111,6 +113,7 @@ class MicroBatcher:
                 pending.done.set()
             return
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        self.on_batch(len(batch))
         for pending, feature in zip(batch, features, strict=True):
             pending.result = feature
             pending.done.set()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from clip_service import metrics
+
 log = logging.getLogger(__name__)
 
 MAX_MAPPING_BYTES = 5 * 1024 * 1024
@@ -79,10 +81,12 @@ class EmojiMapper:
             try:
                 self.api = self.fetch()
                 self.api_reachable = True
+                metrics.EMOJI_API_UP.set(1)
                 log.info("Loaded %d emoji mappings from %s", len(self.api), self.api_url)
                 return
             except (requests.RequestException, ValueError) as error:
                 self.api_reachable = False
+                metrics.EMOJI_API_UP.set(0)
                 log.debug("Emoji API %s failed: %s", self.api_url, error)
             finally:
                 self._first_attempt.set()

@@ -161,17 +161,45 @@ def _write_cache(path: Path, key: str, features: torch.Tensor) -> None:
                     "next start", path, error)
 
 
-def label_features(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
-                   cache_dir: Path) -> torch.Tensor:
-    """(L, D) unit text features of every label under the templates, cached on disk."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """A label set with its text features, and the version clients see (a short hash)."""
+
+    label_set: LabelSet
+    features: torch.Tensor  # (L, D) float32 unit features
+    templates: tuple[str, ...]
+    version: str
+
+    def features_by_text(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.label_set.texts, self.features, strict=True))
+
+
+def build_vocabulary(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
+                     cache_dir: Path, reuse: dict[str, torch.Tensor] | None = None) -> Vocabulary:
+    """Text features of every label under the templates, from the disk cache when it matches.
+
+    `reuse` maps texts to features already computed with the same model and templates, so a
+    reload encodes only new or changed labels.
+    """
     templates = (templates,) if isinstance(templates, str) else tuple(templates)
     key = cache_key(encoder.identity, templates, label_set.texts)
     path = Path(cache_dir) / f"label-features-{key[:32]}.safetensors"
     features = _read_cache(path, key, len(label_set))
     if features is not None:
         log.info("Loaded %d label features from %s", len(label_set), path)
-        return features
-    log.info("Encoding %d labels with %d prompt templates", len(label_set), len(templates))
-    features = ensemble_features(encoder, label_set.texts, templates)
-    _write_cache(path, key, features)
-    return features
+    else:
+        reuse = reuse or {}
+        missing = list(dict.fromkeys(text for text in label_set.texts if text not in reuse))
+        log.info("Encoding %d labels with %d prompt templates", len(missing), len(templates))
+        encoded = dict(zip(missing, ensemble_features(encoder, tuple(missing), templates), strict=True)) \
+            if missing else {}
+        features = torch.stack([encoded[text] if text in encoded else reuse[text]
+                                for text in label_set.texts])
+        _write_cache(path, key, features)
+    return Vocabulary(label_set, features, templates, key[:12])
+
+
+def label_features(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
+                   cache_dir: Path) -> torch.Tensor:
+    """(L, D) unit text features of every label under the templates, cached on disk."""
+    return build_vocabulary(encoder, label_set, templates, cache_dir).features

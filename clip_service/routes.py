@@ -6,10 +6,13 @@ import logging
 import time
 from dataclasses import asdict
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from clip_service import metrics
 from clip_service.errors import BadInput, ServiceError
+from clip_service.logs import set_input_kind
+from clip_service.options import parse_options
 from clip_service.scoring import Prediction
 
 log = logging.getLogger(__name__)
@@ -80,20 +83,34 @@ def analyze():
         if len(given) != 1:
             raise BadInput("Give exactly one input: ?url=..., ?file=... or a POST upload in the field "
                            f"file; got {' and '.join(given) if given else 'none'}")
+        set_input_kind(given[0])
         service.ready_classifier()  # refuse before fetching anything when not ready
+        options = parse_options(request.values.getlist, service.settings.confidence_threshold,
+                                service.settings.max_predictions, service.known_groups())
         if url is not None:
             image = service.image_from_url(url, deadline)
         elif path is not None:
             image = service.image_from_file(path)
         else:
             image = service.image_from_upload(upload)
-        predictions = service.analyze(image, deadline)
+        predictions = service.analyze(image, deadline, options)
     return jsonify({
         "service": "clip",
         "status": "success",
         "predictions": [prediction_json(p) for p in predictions],
         "metadata": {"processing_time": _elapsed(), "model_info": service.model_info()},
     })
+
+
+@bp.get("/labels")
+def labels():
+    return jsonify({"service": "clip", "status": "success", **_service().labels_listing()})
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @bp.app_errorhandler(ServiceError)

@@ -16,9 +16,16 @@ class Prediction:
 
 
 def label_probabilities(image_features: torch.Tensor, label_features: torch.Tensor,
-                        logit_scale: float) -> torch.Tensor:
-    """(N, D) image and (L, D) label features, both unit length -> (N, L) probabilities."""
+                        logit_scale: float, logit_bias: float | None = None) -> torch.Tensor:
+    """(N, D) image and (L, D) label features, both unit length -> (N, L) probabilities.
+
+    CLIP models were trained with a softmax over labels; SigLIP models (which carry a logit bias)
+    with an independent sigmoid per label, so each of their confidences is that label's own
+    probability and does not shrink as the vocabulary grows.
+    """
     logits = logit_scale * image_features @ label_features.T
+    if logit_bias is not None:
+        return torch.sigmoid(logits + logit_bias)
     return logits.softmax(dim=-1)
 
 

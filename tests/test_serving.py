@@ -117,3 +117,43 @@ def test_no_labels_stops_start_up(server_env, tmp_path):
     process = start({**server_env, "CLIP_LABELS_DIR": str(empty)}, tmp_path / "nolabels.log")
     assert process.wait(timeout=60) != 0
     assert "No labels loaded" in (tmp_path / "nolabels.log").read_text()
+
+
+def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_path, settings):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "animals.txt").write_text("cat\ndog\n")
+    env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    process = start(env, tmp_path / "two.log")
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_healthy(int(env["PORT"]), process)
+        sent = 12
+        for _ in range(sent):
+            response = requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())}, timeout=30)
+            assert response.status_code == 200
+        text = requests.get(f"{base}/metrics", timeout=10).text
+        counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("clip_requests_total{") and 'route="/analyze"' in line)
+        assert counted == sent, "every worker's requests are counted once"
+        version = requests.get(f"{base}/labels", timeout=10).json()["version"]
+        (labels / "animals.txt").write_text("cat\ndog\nhorse\n")
+        os.kill(process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        versions = set()
+        while time.monotonic() < deadline:
+            # both workers must answer with the new set; keep-alive off so requests spread
+            versions = {requests.get(f"{base}/labels", timeout=10, headers={"Connection": "close"})
+                        .json()["version"] for _ in range(6)}
+            if version not in versions and len(versions) == 1:
+                break
+            time.sleep(0.2)
+        assert version not in versions and len(versions) == 1
+        assert requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())},
+                             timeout=30).status_code == 200
+    finally:
+        assert stop(process) == 0
+    log = (tmp_path / "two.log").read_text()
+    assert "Encoding 1 labels" in log, "a reload encodes only the new label"
+    assert "Encoding 3 labels" not in log

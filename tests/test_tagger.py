@@ -359,7 +359,8 @@ def test_cli_summary_exit_codes_and_defaults(clean_env, real_classifier, photos,
 
     assert cli.main(["tag", str(photos), "--format", "csv", "--limit", "2"]) == 0
     assert SUMMARY.search(capsys.readouterr().err).groups() == ("4", "1", "0")
-    rows = list(csv.reader((tmp_path / "tags.csv").open(newline="", encoding="utf-8")))
+    with open(tmp_path / "tags.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
     assert len(rows) == 5 and all(len(row[1].split(";")) <= 2 for row in rows[1:])
 
     assert cli.main(["tag", str(photos), "-o", "tags.csv", "--resume", "-q"]) == 0  # csv from the name

@@ -35,11 +35,10 @@ def test_page_is_self_contained_html_with_csp(client):
     assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", lowered)
 
 
-def test_static_route_gets_the_same_headers(client):
+def test_page_is_served_only_at_the_root(client):
     response = client.get("/static/index.html")
-    assert response.status_code == 200
-    assert response.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
-    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.status_code == 404
+    assert response.get_json()["status"] == "error"
 
 
 def serve(app):

@@ -1,0 +1,74 @@
+"""Per-request options of /analyze: threshold, limit, labels and groups, validated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from clip_service.errors import BadInput
+
+MAX_REQUEST_LABELS = 100
+MAX_LABEL_CHARACTERS = 64
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    threshold: float
+    limit: int
+    labels: tuple[str, ...] | None = None  # the request's own label set, instead of the vocabulary
+    groups: tuple[str, ...] | None = None  # only the labels of these files
+
+
+def _one(get: Callable[[str], list[str]], name: str) -> str | None:
+    values = get(name)
+    if len(values) > 1:
+        raise BadInput(f"Give {name} only once; it was given {len(values)} times")
+    return values[0] if values else None
+
+
+def _items(raw: str) -> list[str]:
+    return [" ".join(item.split()) for item in raw.split(",") if item.strip()]
+
+
+def parse_options(get: Callable[[str], list[str]], default_threshold: float, max_predictions: int,
+                  known_groups: Collection[str]) -> AnalyzeOptions:
+    """Options from request values (`get(name)` -> every value given for name)."""
+    threshold, limit = default_threshold, max_predictions
+    raw = _one(get, "threshold")
+    if raw is not None:
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise BadInput(f"threshold={raw} is not a number; allowed: 0 to 1") from None
+        if not 0.0 <= threshold <= 1.0:
+            raise BadInput(f"threshold={raw} is out of range; allowed: 0 to 1")
+    raw = _one(get, "limit")
+    if raw is not None:
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise BadInput(f"limit={raw} is not an integer; allowed: 1 to {max_predictions}") from None
+        if not 1 <= limit <= max_predictions:
+            raise BadInput(f"limit={raw} is out of range; allowed: 1 to {max_predictions} "
+                           "(CLIP_MAX_PREDICTIONS)")
+    labels = groups = None
+    raw = _one(get, "labels")
+    if raw is not None:
+        labels = tuple(dict.fromkeys(_items(raw)))
+        if not labels:
+            raise BadInput("labels is empty; give comma-separated labels, e.g. labels=cat,dog")
+        if len(labels) > MAX_REQUEST_LABELS:
+            raise BadInput(f"labels has {len(labels)} labels; the limit is {MAX_REQUEST_LABELS}")
+        long = [label for label in labels if len(label) > MAX_LABEL_CHARACTERS]
+        if long:
+            raise BadInput(f"labels: {long[0][:80]!r} is longer than {MAX_LABEL_CHARACTERS} characters")
+    raw = _one(get, "groups")
+    if raw is not None:
+        groups = tuple(dict.fromkeys(_items(raw)))
+        unknown = [group for group in groups if group not in known_groups]
+        if unknown or not groups:
+            raise BadInput(f"groups: {unknown[0] if unknown else '(empty)'} is not a label group; "
+                           f"known: {', '.join(sorted(known_groups))}")
+    if labels is not None and groups is not None:
+        raise BadInput("Give labels or groups, not both")
+    return AnalyzeOptions(threshold, limit, labels, groups)

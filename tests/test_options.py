@@ -1,0 +1,151 @@
+"""Per-request options, /labels, label groups and reloading the vocabulary without a restart."""
+
+import dataclasses
+import io
+
+import pytest
+from test_routes import assert_error, assert_success, image_bytes, upload
+
+from clip_service.errors import BadInput
+from clip_service.options import MAX_REQUEST_LABELS, parse_options
+
+GROUPS = ("animals", "foods", "people")
+
+
+def options(**values):
+    return parse_options(lambda name: [values[name]] if name in values else [], 0.01, 10, GROUPS)
+
+
+def test_defaults_come_from_the_settings():
+    parsed = options()
+    assert (parsed.threshold, parsed.limit, parsed.labels, parsed.groups) == (0.01, 10, None, None)
+
+
+def test_values_are_parsed_and_cleaned():
+    parsed = options(threshold="0.2", limit="3", labels=" red  car, dog ,,dog")
+    assert (parsed.threshold, parsed.limit, parsed.labels) == (0.2, 3, ("red car", "dog"))
+    assert options(groups="foods,animals").groups == ("foods", "animals")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"threshold": "high"}, "threshold=high is not a number"),
+    ({"threshold": "1.5"}, "threshold=1.5 is out of range"),
+    ({"threshold": "nan"}, "threshold=nan is out of range"),
+    ({"limit": "0"}, "limit=0 is out of range; allowed: 1 to 10"),
+    ({"limit": "11"}, "limit=11 is out of range; allowed: 1 to 10"),
+    ({"limit": "two"}, "limit=two is not an integer"),
+    ({"labels": " , "}, "labels is empty"),
+    ({"labels": ",".join(f"l{i}" for i in range(MAX_REQUEST_LABELS + 1))}, "the limit is 100"),
+    ({"labels": "x" * 65}, "longer than 64 characters"),
+    ({"groups": "animals,planets"}, "groups: planets is not a label group; known: animals, foods, people"),
+    ({"labels": "cat", "groups": "animals"}, "Give labels or groups, not both"),
+])
+def test_bad_values_name_the_parameter(values, message):
+    with pytest.raises(BadInput, match=message):
+        options(**values)
+
+
+def test_repeated_option_is_refused():
+    with pytest.raises(BadInput, match="Give limit only once"):
+        parse_options(lambda name: ["1", "2"] if name == "limit" else [], 0.01, 10, GROUPS)
+
+
+def test_threshold_and_limit_per_request(client):
+    body = assert_success(client.post("/analyze?limit=2&threshold=0",
+                                      data={"file": (io.BytesIO(image_bytes()), "x.png")}))
+    assert len(body["predictions"]) == 2
+    assert assert_success(upload(client, image_bytes()))["predictions"].__len__() == 10
+    assert_error(client.post("/analyze?limit=50", data={"file": (io.BytesIO(image_bytes()), "x.png")}),
+                 400, "limit=50")
+
+
+def test_options_may_come_as_form_fields(client):
+    response = client.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png"), "limit": "1"})
+    assert len(assert_success(response)["predictions"]) == 1
+
+
+def test_request_labels_replace_the_vocabulary(client):
+    response = client.post("/analyze?labels=red%20apple,blue%20sky,cat",
+                           data={"file": (io.BytesIO(image_bytes()), "x.png")})
+    predictions = assert_success(response)["predictions"]
+    assert {p["label"] for p in predictions} == {"red apple", "blue sky", "cat"}
+    assert sum(p["confidence"] for p in predictions) == pytest.approx(1.0, abs=0.005)
+    assert next(p for p in predictions if p["label"] == "cat")["emoji"] == "🐱"
+
+
+def test_request_label_features_are_cached(app, client):
+    classifier = app.extensions["clip_service"].classifier
+    calls = []
+    original = classifier.engine.encode_texts
+
+    def counting(texts, **kwargs):
+        calls.append(list(texts))
+        return original(texts, **kwargs)
+
+    classifier.engine.encode_texts = counting
+    try:
+        for _ in range(3):
+            assert_success(client.post("/analyze?labels=zebra,giraffe",
+                                       data={"file": (io.BytesIO(image_bytes()), "x.png")}))
+    finally:
+        del classifier.engine.encode_texts
+    assert sum(len(batch) for batch in calls) == 2 * len(classifier.vocabulary.templates)
+
+
+def test_groups_score_only_their_labels(client):
+    response = client.post("/analyze?groups=foods", data={"file": (io.BytesIO(image_bytes()), "x.png")})
+    predictions = assert_success(response)["predictions"]
+    assert {p["label"] for p in predictions} == {"banana", "coffee", "pizza"}
+    assert_error(client.get("/analyze?groups=planets&file=/x.jpg"), 400, "known: animals, foods, people")
+
+
+def test_labels_listing(client):
+    response = client.get("/labels")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["num_labels"] == 10 and len(body["version"]) == 12
+    assert body["groups"]["animals"][0] == {"label": "cat", "emoji": "🐱"}
+    assert body["groups"]["people"][2] == {"label": "astronaut"}
+
+
+def test_reload_encodes_only_new_labels_and_changes_the_version(make_app, settings, tmp_path, caplog):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\ndog\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder))
+    service = app.extensions["clip_service"]
+    client = app.test_client()
+    before = client.get("/labels").get_json()["version"]
+    (folder / "animals.txt").write_text("cat\ndog\nhorse\n")
+    caplog.clear()
+    assert service.reload_labels()
+    assert "Encoding 1 labels" in caplog.text
+    after = client.get("/labels").get_json()
+    assert after["version"] != before and after["num_labels"] == 3
+    response = assert_success(upload(client, image_bytes()))
+    assert response["metadata"]["model_info"]["labels_version"] == after["version"]
+
+
+def test_failed_reload_keeps_the_vocabulary(make_app, settings, tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\ndog\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder))
+    (folder / "animals.txt").write_text("# nothing left\n")
+    assert not app.extensions["clip_service"].reload_labels()
+    assert app.test_client().get("/labels").get_json()["num_labels"] == 2
+
+
+def test_labels_watch_reloads_on_change(make_app, settings, tmp_path):
+    import time
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder, labels_watch=True))
+    service = app.extensions["clip_service"]
+    (folder / "animals.txt").write_text("cat\nzebra\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(service.classifier.label_set) != 2:
+        time.sleep(0.05)
+    assert service.classifier.label_set.labels == ("cat", "zebra")
