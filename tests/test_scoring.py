@@ -1,5 +1,11 @@
+import dataclasses
+import io
+
 import pytest
 import torch
+from PIL import Image
+from test_routes import assert_success, image_bytes, upload
+from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.scoring import Prediction, label_probabilities, top_predictions
 
@@ -27,3 +33,26 @@ def test_top_predictions_sorted_thresholded_limited_and_rounded():
 
 def test_limit_larger_than_vocabulary():
     assert len(top_predictions(torch.tensor([0.5, 0.5]), ["x", "y"], 0.0, 10)) == 2
+
+
+def test_sigmoid_models_score_each_label_on_its_own():
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0]]), dim=-1)
+    labels = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    probabilities = label_probabilities(image, labels, logit_scale=10.0, logit_bias=-5.0)
+    assert torch.allclose(probabilities[0], torch.sigmoid(torch.tensor([10.0 - 5.0, -5.0])))
+    more = torch.cat([labels, labels[1:]])
+    assert torch.allclose(label_probabilities(image, more, 10.0, -5.0)[0, :2], probabilities[0]), \
+        "adding labels does not change a sigmoid model's confidence in the others"
+
+
+def test_sigmoid_model_end_to_end(make_app, settings, tmp_path):
+    folder = write_tiny_clip(tmp_path / "siglip-like", model_cfg={**TINY_CONFIG, "init_logit_bias": -2.0})
+    app = make_app(dataclasses.replace(settings, clip_model=f"local-dir:{folder}"))
+    classifier = app.extensions["clip_service"].classifier
+    assert classifier.engine.logit_bias == pytest.approx(-2.0)
+    predictions = assert_success(upload(app.test_client(), image_bytes()))["predictions"]
+    image = classifier.image_features(Image.open(io.BytesIO(image_bytes())).convert("RGB"))
+    expected = torch.sigmoid(classifier.engine.logit_scale * classifier.features @ image - 2.0)
+    by_label = dict(zip(classifier.label_set.labels, expected.tolist(), strict=True))
+    for prediction in predictions:
+        assert prediction["confidence"] == pytest.approx(by_label[prediction["label"]], abs=0.002)
