@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "benchmark used over PCT %% of the CPU during it; the least disturbed try is kept")
     parser.add_argument("--start-timeout", type=float, default=1800,
                         help="seconds a server may take to become healthy (default 1800)")
+    parser.add_argument("--logs", type=Path, help="keep the work folder (server logs, model, images, "
+                        "cache) here instead of a temporary folder")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json",
                         help="where the JSON goes (default bench/results.json)")
     args = parser.parse_args(argv)
@@ -475,6 +478,8 @@ def metadata(args, model_note: str, images: dict[str, list[Path]]) -> dict:
 
 
 def benchmark(args, work: Path, running: list[Server]) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)  # a cold start needs an empty cache (--logs reuse)
     clip_model, model_note = prepare_model(args, work / "model")
     log(f"model: {model_note}")
     images = make_images(work / "images", args.sizes)
@@ -495,12 +500,23 @@ def benchmark(args, work: Path, running: list[Server]) -> dict:
     return results
 
 
+def report_failure(running: list[Server]) -> None:
+    """Each server's state and log tail, before the temporary folder (and its logs) is gone."""
+    for server in running:
+        code = server.process.poll() if server.process else None
+        state = "still running" if server.process and code is None else f"exited with {code}"
+        log(f"{server.name} ({state}), last lines of {server.log_path}:\n{server.log_tail(40)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     running: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as tmp:
         try:
-            results = benchmark(args, Path(tmp), running)
+            results = benchmark(args, args.logs or Path(tmp), running)
+        except BaseException:
+            report_failure(running)
+            raise
         finally:
             for server in running:
                 server.stop()

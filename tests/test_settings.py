@@ -76,3 +76,15 @@ def test_invalid_env_file_value_stops(tmp_path):
     env_file.write_text("PRIVATE=maybe\n")
     with pytest.raises(SettingsError, match="PRIVATE=maybe"):
         load_settings(env_file, environ={})
+
+
+def test_env_example_documents_every_setting_and_is_valid(tmp_path):
+    from clip_service.settings import ENV_VARIABLES, PROJECT_ROOT
+
+    example = (PROJECT_ROOT / ".env.example").read_text()
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for variable in ENV_VARIABLES:
+        assert variable in example, f"{variable} missing from .env.example"
+        assert f"`{variable}`" in readme, f"{variable} missing from the README's table"
+    settings = load_settings(PROJECT_ROOT / ".env.example", environ={})
+    assert settings.port == 7778 and settings.prompt_template == "" and settings.cors_origins == ("*",)
