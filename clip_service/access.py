@@ -8,7 +8,7 @@ from flask import Flask, request
 
 from clip_service.errors import ServiceError
 
-OPEN_PATHS = {"/health", "/"}  # readiness probes and the static page carry no data
+OPEN_PATHS = {"/health", "/", "/openapi.json"}  # probes, the static page and the API description: no data
 
 
 class Unauthorized(ServiceError):

@@ -9,6 +9,7 @@ from flask import Flask, Request
 from clip_service.access import install_access_control
 from clip_service.logs import configure_logging, install_request_logging
 from clip_service.model import ClipEngine
+from clip_service.openapi import openapi_bp
 from clip_service.routes import bp
 from clip_service.service import ClipService
 from clip_service.settings import Settings
@@ -39,5 +40,6 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     install_access_control(app, settings.api_key, settings.cors_origins)
     install_request_logging(app)
     app.register_blueprint(web_bp)
+    app.register_blueprint(openapi_bp)
     service.start()
     return app

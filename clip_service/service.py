@@ -153,7 +153,7 @@ class ClipService:
                                   settings.url_allowlist)
         self._engine = engine
         self._engine_loader = engine_loader or (
-            lambda: load_engine(settings.model_spec, settings.device))
+            lambda: load_engine(settings.model_spec, settings.device, settings.precision))
         self._settled = threading.Event()
         self._stopped = threading.Event()
         self.inference_error: str | None = None  # set by a failing canary or request, cleared by success

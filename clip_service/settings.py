@@ -23,6 +23,7 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class SettingsError(ValueError):
@@ -40,6 +41,7 @@ class Settings:
     api_port: int = 8080
     api_timeout: float = 2.0
     device: str = "auto"
+    precision: str = "auto"  # fp16 on CUDA, bf16 image tower on CPUs with AMX, else fp32
     labels_dir: Path = PROJECT_ROOT / "labels"
     prompt_template: str = ""  # one template instead of prompts_file, e.g. the seed's
     cache_dir: Path = Path.home() / ".cache" / "clip-service"
@@ -115,6 +117,13 @@ def _device(raw: str) -> str:
     if word.startswith("cuda:") and word[5:].isdigit():
         return word
     raise SettingsError(f"CLIP_DEVICE={raw} is not a device; allowed: {', '.join(DEVICE_CHOICES)}")
+
+
+def _precision(raw: str) -> str:
+    word = raw.strip().lower()
+    if word not in PRECISIONS:
+        raise SettingsError(f"CLIP_PRECISION={raw} is not a precision; allowed: {', '.join(PRECISIONS)}")
+    return word
 
 
 def _template(raw: str) -> str:
@@ -203,6 +212,7 @@ _PARSERS = {
     "API_PORT": ("api_port", lambda raw: _integer("API_PORT", raw, 1, 65535)),
     "API_TIMEOUT": ("api_timeout", lambda raw: _number("API_TIMEOUT", raw, 0.0, 300.0, True)),
     "CLIP_DEVICE": ("device", _device),
+    "CLIP_PRECISION": ("precision", _precision),
     "CLIP_LABELS_DIR": ("labels_dir", _path),
     "CLIP_PROMPT_TEMPLATE": ("prompt_template", _template),
     "CLIP_CACHE_DIR": ("cache_dir", _path),

@@ -337,7 +337,7 @@ def cli_emoji(settings: Settings, use_api: bool = False) -> EmojiMapper:
 
 def load_classifier(settings: Settings, emoji_api: bool = False) -> Classifier:
     """The server's engine and label features, built in this process (label features come cached)."""
-    engine = load_engine(settings.model_spec, settings.device)
+    engine = load_engine(settings.model_spec, settings.device, settings.precision)
     return build_classifier(settings, engine, cli_emoji(settings, emoji_api))
 
 

@@ -109,3 +109,31 @@ def test_identity_changes_with_weights(tmp_path):
     write_tiny_clip(tmp_path / "a", seed=2)
     assert model_identity(first) != before
     assert model_identity(parse_model_spec("ViT-B/32")) != model_identity(parse_model_spec("ViT-B/16"))
+
+
+def test_precision_choice():
+    from clip_service.model import resolve_precision
+
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    with pytest.raises(ModelLoadError, match="CLIP_PRECISION=fp16 needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_image_tower_gives_the_same_answers(tiny_model_dir):
+    from clip_service.scoring import label_probabilities
+
+    spec = parse_model_spec(f"local-dir:{tiny_model_dir}")
+    full, half = load_engine(spec, "cpu", "fp32"), load_engine(spec, "cpu", "bf16")
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    texts = [f"a photo of a {word}." for word in ("cat", "dog", "car", "tree", "person")]
+    labels = full.encode_texts(texts)
+    assert torch.equal(labels, half.encode_texts(texts)), "the text tower keeps full precision"
+    assert full.identity == half.identity, "so the label cache is shared"
+    images = torch.stack([full.prepare(Image.new("RGB", (80, 60), colour))
+                          for colour in ("red", "green", "navy", "white")])
+    a = label_probabilities(full.encode_images(images), labels, full.logit_scale)
+    b = label_probabilities(half.encode_images(images), labels, half.logit_scale)
+    assert (a - b).abs().max() < 0.01

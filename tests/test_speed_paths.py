@@ -133,3 +133,15 @@ def test_lone_request_does_not_wait_for_company(deep_text_engine):
     pixels = deep_text_engine.prepare(Image.new("RGB", (64, 64)))
     assert batcher.submit(pixels, timeout=5).shape == (32,)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1), (30, 2000), (2000, 30)])
+def test_extreme_aspect_ratios_are_trimmed_to_the_same_input(deep_text_engine, size):
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    prepared = deep_text_engine.prepare(image)
+    assert prepared.shape == (3, 64, 64)
+    if max(size) <= 2000:  # small enough for the untrimmed reference path
+        reference = np.asarray(deep_text_engine._pil_steps(image), dtype=np.int16)
+        difference = np.abs(reference - prepared.permute(1, 2, 0).numpy().astype(np.int16))
+        assert difference.mean() < 1.0
