@@ -116,12 +116,17 @@ def _high_depth_to_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).astype(np.uint8), "L")
 
 
+def shown(path: str, limit: int = 200) -> str:
+    """A path as error messages show it: shortened when very long."""
+    return path if len(path) <= limit else f"{path[:limit // 2]}...{path[-limit // 2:]}"
+
+
 def check_file_access(raw_path: str, allowed_roots: tuple[Path, ...], private: bool) -> Path:
     """The real path of a `file=` value, if the configuration lets clients read it."""
     if "\x00" in raw_path:
         raise BadInput("file contains a NUL byte")
     if not os.path.isabs(raw_path):
-        raise BadInput(f"file must be an absolute path, not {raw_path!r}")
+        raise BadInput(f"file must be an absolute path, not {shown(raw_path)!r}")
     real = Path(os.path.realpath(raw_path))  # symlinks and .. resolved before the root check
     if not allowed_roots:
         if not private:
@@ -129,7 +134,7 @@ def check_file_access(raw_path: str, allowed_roots: tuple[Path, ...], private: b
                             "the folders clients may read (or run with PRIVATE=True)")
         return real
     if not any(real.is_relative_to(root) for root in allowed_roots):
-        raise Forbidden(f"File {raw_path} is outside the allowed folders (ALLOWED_FILE_ROOTS)")
+        raise Forbidden(f"File {shown(raw_path)} is outside the allowed folders (ALLOWED_FILE_ROOTS)")
     return real
 
 
@@ -138,15 +143,15 @@ def read_file(raw_path: str, real: Path, max_bytes: int) -> bytes:
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise NotFound(f"File not found: {raw_path}") from None
+        raise NotFound(f"File not found: {shown(raw_path)}") from None
     except PermissionError:
-        raise Forbidden(f"File is not readable by the service: {raw_path}") from None
+        raise Forbidden(f"File is not readable by the service: {shown(raw_path)}") from None
     except OSError as error:
-        raise BadInput(f"File cannot be opened: {raw_path} ({error.strerror})") from None
+        raise BadInput(f"File cannot be opened: {shown(raw_path)} ({error.strerror})") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise BadInput(f"Not a regular file: {raw_path}")
+        raise BadInput(f"Not a regular file: {shown(raw_path)}")
     if info.st_size > max_bytes:
         os.close(fd)
         raise TooLarge(f"File is {info.st_size} bytes; the limit is {max_bytes} (MAX_IMAGE_BYTES)")
@@ -154,7 +159,7 @@ def read_file(raw_path: str, real: Path, max_bytes: int) -> bytes:
         try:
             data = handle.read(max_bytes + 1)
         except OSError as error:
-            raise BadInput(f"File cannot be read: {raw_path} ({error.strerror})") from None
+            raise BadInput(f"File cannot be read: {shown(raw_path)} ({error.strerror})") from None
     if len(data) > max_bytes:
         raise TooLarge(f"File is over the limit of {max_bytes} bytes (MAX_IMAGE_BYTES)")
     return data

@@ -150,8 +150,8 @@ def _error_responses() -> dict:
         "NotFound": _error("`file` does not exist (on /analyze); any path this description does not name."),
         "MethodNotAllowed": _error("A method the route does not take (every route answers it so)."),
         "PayloadTooLarge": _error("The upload, the URL's body or the file is larger than MAX_IMAGE_BYTES."),
-        "InternalError": _error("A bug in the service; the message never holds internals, the log has the "
-                                "traceback."),
+        "InternalError": _error("An unexpected failure (a bug, or a model that fails on its device); the "
+                                "message never holds internals, the log has the traceback."),
         "BadGateway": _error("The URL could not be fetched: DNS failure, refused connection, an answer other "
                              f"than 200, more than {MAX_REDIRECTS} redirects, slower than URL_TIMEOUT."),
         "Unavailable": _error(
@@ -181,7 +181,7 @@ def _option_parameters(settings: Settings, where: str) -> list[dict]:
          "description": "Comma-separated label groups (the files in labels/, see GET /labels): only "
                         "their labels. An unknown group is a 400 that lists the known ones. Not together "
                         "with `labels`.",
-         "schema": {"type": "string"}, "example": "animals,foods"},
+         "schema": {"type": "string"}},
     ]
 
 
@@ -249,7 +249,7 @@ def openapi_description(settings: Settings | None = None) -> dict:
                          "description": "An absolute path to an image on the server, under "
                                         "ALLOWED_FILE_ROOTS (with none: any file when PRIVATE=True, none "
                                         "otherwise).",
-                         "schema": {"type": "string"}, "example": "/srv/photos/beach.jpg"},
+                         "schema": {"type": "string"}},
                         *_option_parameters(settings, "query"),
                     ],
                     "responses": _responses("400", "401", "403", "404", "413", "500", "502", "503", "504",

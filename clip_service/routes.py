@@ -44,6 +44,11 @@ def error_response(status: int, message: str):
 @bp.before_app_request
 def _start_clock():
     g.started = time.perf_counter()
+    try:
+        request.query_string.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput("The query string is not valid UTF-8; percent-encode the values "
+                       "(e.g. curl -G --data-urlencode)") from None
 
 
 @bp.get("/health")
@@ -123,7 +128,11 @@ def _service_error(error: ServiceError):
 
 @bp.app_errorhandler(HTTPException)
 def _http_error(error: HTTPException):
-    return error_response(error.code or 500, error.description or error.name)
+    response, status = error_response(error.code or 500, error.description or error.name)
+    for name, value in error.get_headers():  # e.g. Allow on a 405
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
 
 
 @bp.app_errorhandler(Exception)

@@ -159,6 +159,9 @@ def guarded_session(guard: AddressGuard) -> requests.Session:
 def check_url(url: str) -> None:
     if len(url) > MAX_URL_LENGTH:
         raise BadInput(f"URL is too long: {len(url)} characters; the limit is {MAX_URL_LENGTH}")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in url):
+        raise BadInput("Malformed URL: it contains a control character (NUL, CR, LF, ...); "
+                       "percent-encode it")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
