@@ -13,6 +13,7 @@ OPEN_PATHS = {"/health", "/", "/openapi.json"}  # probes, the static page and th
 
 class Unauthorized(ServiceError):
     status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="clip-service"'}
 
 
 def install_access_control(app: Flask, api_key: str, cors_origins: tuple[str, ...]) -> None:

@@ -11,9 +11,9 @@ import logging
 import threading
 from pathlib import Path
 
-import requests
-
 from clip_service import metrics
+from clip_service.errors import ServiceError
+from clip_service.url_fetch import UrlFetcher
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class EmojiMapper:
         self._first_attempt = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The API is an operator's own service, usually on this host: any address is fine, but
+        # the fetch gets the same whole-answer deadline and size limit as a client's URL.
+        self._fetcher = UrlFetcher(MAX_MAPPING_BYTES, timeout, allowlist=("0.0.0.0/0", "::/0"),
+                                   accept="application/json")
 
     def emoji_for(self, label: str) -> str | None:
         key = concept_key(label)
@@ -84,18 +88,21 @@ class EmojiMapper:
                 metrics.EMOJI_API_UP.set(1)
                 log.info("Loaded %d emoji mappings from %s", len(self.api), self.api_url)
                 return
-            except (requests.RequestException, ValueError) as error:
+            except Exception as error:  # any failure means "down": log it and retry, never die
                 self.api_reachable = False
                 metrics.EMOJI_API_UP.set(0)
-                log.debug("Emoji API %s failed: %s", self.api_url, error)
+                log.debug("Emoji API %s failed: %s: %s", self.api_url, type(error).__name__, error)
             finally:
                 self._first_attempt.set()
             self._stop.wait(self.retry_seconds)
 
     def fetch(self) -> dict[str, str]:
-        with requests.get(self.api_url, timeout=self.timeout, stream=True) as response:
-            response.raise_for_status()
-            body = response.raw.read(MAX_MAPPING_BYTES + 1, decode_content=True)
-        if len(body) > MAX_MAPPING_BYTES:
-            raise ValueError(f"the mappings are over {MAX_MAPPING_BYTES} bytes")
-        return parse_mappings(json.loads(body))
+        """The API's mappings, within API_TIMEOUT for the whole answer and a size limit."""
+        try:
+            body = self._fetcher.fetch(self.api_url)
+        except ServiceError as error:
+            raise ValueError(error.message) from None
+        try:
+            return parse_mappings(json.loads(body))
+        except RecursionError:
+            raise ValueError("the answer is nested too deeply to be emoji mappings") from None

@@ -135,12 +135,14 @@ def _error(description: str, headers: dict | None = None) -> dict:
 
 def _error_responses() -> dict:
     return {
-        "BadRequest": _error("Bad input: no input or more than one, a parameter given twice, a bad option "
-                             "value (the message names it), a malformed URL or one not http/https, a "
-                             "relative path or NUL byte in `file`, a POST that is not multipart/form-data "
-                             "or has no (or two) `file` fields, bytes that are not a supported image (PNG, "
-                             "JPEG, GIF, BMP, WebP), a truncated image, or more pixels than "
-                             "MAX_IMAGE_PIXELS."),
+        "BadRequest": _error("Bad input: a query string that is not valid UTF-8, no input or more than one, "
+                             "a parameter given twice, a bad option value (the message names it), a "
+                             "malformed URL or one not http/https, a relative path or NUL byte in `file`, a "
+                             "POST that is not multipart/form-data or has no (or two) `file` fields, bytes "
+                             "that are not a supported image (PNG, JPEG, GIF, BMP, WebP), a truncated image, "
+                             "or more pixels than MAX_IMAGE_PIXELS."),
+        "BadQueryString": _error("The query string is not valid UTF-8 (raw bytes; percent-encode the "
+                                 "values)."),
         "Unauthorized": _error("API_KEY is set and the request has no `Authorization: Bearer <key>` header "
                                "or a wrong key."),
         "Forbidden": _error("`file` outside ALLOWED_FILE_ROOTS or not readable, file input disabled (a "
@@ -148,7 +150,10 @@ def _error_responses() -> dict:
                             "any redirect hop) to a loopback, private, link-local, multicast, reserved or "
                             "unspecified address not in URL_ALLOWLIST."),
         "NotFound": _error("`file` does not exist (on /analyze); any path this description does not name."),
-        "MethodNotAllowed": _error("A method the route does not take (every route answers it so)."),
+        "MethodNotAllowed": _error(
+            "A method the route does not take (every route answers it so).",
+            {"Allow": {"description": "The methods the route takes.", "required": True,
+                       "schema": {"type": "string"}, "example": "GET, HEAD, OPTIONS"}}),
         "PayloadTooLarge": _error("The upload, the URL's body or the file is larger than MAX_IMAGE_BYTES."),
         "InternalError": _error("An unexpected failure (a bug, or a model that fails on its device); the "
                                 "message never holds internals, the log has the traceback."),
@@ -190,11 +195,16 @@ def _option_properties(settings: Settings) -> dict:
             for p in _option_parameters(settings, "query")}
 
 
-def _responses(*codes: str, success: dict) -> dict:
-    names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
+def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") -> dict:
+    """200, and 400 and the other error answers named by their codes.
+
+    Every route answers 400 for a raw query string that is not UTF-8 (routes._start_clock); /analyze for
+    many more reasons (`bad_request="BadRequest"`).
+    """
+    names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
              "413": "PayloadTooLarge", "500": "InternalError", "502": "BadGateway", "503": "Unavailable",
              "504": "Timeout"}
-    return {"200": success, **{code: _ref("responses", names[code]) for code in codes}}
+    return {"200": success, **{code: _ref("responses", names[code]) for code in ("400", *codes)}}
 
 
 def openapi_description(settings: Settings | None = None) -> dict:
@@ -227,10 +237,10 @@ def openapi_description(settings: Settings | None = None) -> dict:
                 "operationId": "health", "tags": ["operations"], "summary": "Readiness",
                 **open_route,
                 "responses": {
-                    "200": _json(_ref("schemas", "HealthReady"), "The model is loaded and inference works."),
+                    **_responses("500", success=_json(_ref("schemas", "HealthReady"),
+                                                      "The model is loaded and inference works.")),
                     "503": _json(_ref("schemas", "HealthNotReady"),
-                                 "Loading, failed to load, or inference failing."),
-                    "500": _ref("responses", "InternalError"),
+                                 "Loading, failed to load, or inference failing (no Retry-After)."),
                 },
             }},
             "/analyze": {
@@ -252,8 +262,8 @@ def openapi_description(settings: Settings | None = None) -> dict:
                          "schema": {"type": "string"}},
                         *_option_parameters(settings, "query"),
                     ],
-                    "responses": _responses("400", "401", "403", "404", "413", "500", "502", "503", "504",
-                                            success=analyzed),
+                    "responses": _responses("401", "403", "404", "413", "500", "502", "503", "504",
+                                            success=analyzed, bad_request="BadRequest"),
                 },
                 "post": {
                     "operationId": "analyzeUpload", "tags": ["analysis"],
@@ -270,7 +280,8 @@ def openapi_description(settings: Settings | None = None) -> dict:
                             **_option_properties(settings),
                         },
                     }}}},
-                    "responses": _responses("400", "401", "413", "500", "503", "504", success=analyzed),
+                    "responses": _responses("401", "413", "500", "503", "504", success=analyzed,
+                                            bad_request="BadRequest"),
                 },
             },
             "/labels": {"get": {

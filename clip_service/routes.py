@@ -123,6 +123,7 @@ def _service_error(error: ServiceError):
     response, status = error_response(error.status, error.message)
     if error.status == 503:
         response.headers["Retry-After"] = str(getattr(error, "retry_after", 5))
+    response.headers.update(getattr(error, "headers", {}))
     return response, status
 
 

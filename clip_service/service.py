@@ -302,7 +302,7 @@ class ClipService:
 
     def _inference_failed(self, error: BaseException) -> None:
         if self.inference_error is None:
-            log.error("Inference failed: %s: %s", type(error).__name__, error)
+            log.error("Inference failed: %s: %s", type(error).__name__, error, exc_info=error)
         self.inference_error = f"{type(error).__name__}: {error}"
         metrics.HEALTHY.set(0)
 
@@ -384,7 +384,8 @@ class ClipService:
             raise
         except Exception as error:  # a broken device: health must say so until inference works
             self._inference_failed(error)
-            raise
+            raise NotReady("The model failed on this image; the service is checking its device "
+                           "(see /health); retry shortly") from error
         if self.inference_error:
             self.inference_error = None
             metrics.HEALTHY.set(1)

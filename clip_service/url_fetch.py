@@ -22,7 +22,14 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import connection as urllib3_connection
 
-from clip_service.errors import BadInput, Forbidden, TooLarge, UpstreamFailed
+from clip_service.errors import (
+    BadInput,
+    DeadlineExceeded,
+    Forbidden,
+    ServiceError,
+    TooLarge,
+    UpstreamFailed,
+)
 
 MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 4096
@@ -186,15 +193,24 @@ def _redact(url: str) -> str:
 class UrlFetcher:
     """Fetches image bytes over http(s) under the SSRF guard, size limit and deadline."""
 
-    def __init__(self, max_bytes: int, timeout: float, allowlist: Iterable[str] = ()):
+    def __init__(self, max_bytes: int, timeout: float, allowlist: Iterable[str] = (),
+                 accept: str = "image/*"):
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.accept = accept
         self.guard = AddressGuard(allowlist)
 
     def fetch(self, url: str, deadline: float | None = None) -> bytes:
-        """The body of url; `deadline` (time.monotonic()) is the whole request's, if sooner."""
+        """The body of url; `deadline` (time.monotonic()) is the whole request's, if sooner.
+
+        Past URL_TIMEOUT the answer is a 502 (the upstream is slow); past the request's own
+        deadline it is a 504 (REQUEST_TIMEOUT).
+        """
         own_deadline = time.monotonic() + self.timeout
-        deadline = own_deadline if deadline is None else min(deadline, own_deadline)
+        _watch.limit = ("URL_TIMEOUT", self.timeout, UpstreamFailed)
+        if deadline is not None and deadline < own_deadline:
+            _watch.limit = ("REQUEST_TIMEOUT", deadline - time.monotonic(), DeadlineExceeded)
+        deadline = min(own_deadline, deadline or own_deadline)
         # A session per fetch: no pooled connection outlives its fetch's deadline watchdog.
         _watch.deadline, _watch.timers = deadline, []
         try:
@@ -211,7 +227,7 @@ class UrlFetcher:
             try:
                 response = session.get(
                     url, stream=True, allow_redirects=False, timeout=self._timeouts(deadline),
-                    headers={"Accept": "image/*", "Accept-Encoding": "identity",
+                    headers={"Accept": self.accept, "Accept-Encoding": "identity",
                              "User-Agent": "clip-service"},
                 )
             except requests.exceptions.InvalidURL as error:
@@ -228,16 +244,17 @@ class UrlFetcher:
                 return self._read_body(response, url, deadline)
         raise UpstreamFailed(f"URL redirected more than {MAX_REDIRECTS} times")
 
-    def _failure(self, url: str, error: Exception, deadline: float) -> UpstreamFailed:
+    def _failure(self, url: str, error: Exception, deadline: float) -> ServiceError:
         if time.monotonic() >= deadline:
-            return UpstreamFailed(f"URL {_redact(url)} took longer than {self.timeout:g} s (URL_TIMEOUT)")
+            name, seconds, kind = _watch.limit
+            return kind(f"URL {_redact(url)} took longer than the {seconds:.3g} s allowed ({name})")
         return UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}")
 
     def _timeouts(self, deadline: float) -> tuple[float, float]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise UpstreamFailed(f"Fetching the URL took longer than the time allowed ({self.timeout:g} s, "
-                                 "URL_TIMEOUT)")
+            name, seconds, kind = _watch.limit
+            raise kind(f"Fetching the URL took longer than the {seconds:.3g} s allowed ({name})")
         return (remaining, remaining)
 
     def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:

@@ -205,6 +205,15 @@ def test_url_upstream_failures_are_502(make_app, settings, local_server):
     assert_error(client.get("/analyze", query_string={"url": closed}), 502)
 
 
+def test_unexpected_error_is_500_without_details(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("secret internal detail")
+
+    monkeypatch.setattr("clip_service.routes.parse_options", broken)
+    message = assert_error(upload(client, image_bytes()), 500)
+    assert "secret" not in message and "Internal error" in message
+
+
 def test_werkzeug_errors_use_the_error_shape(client):
     assert_error(client.get("/no-such-route"), 404)
     assert_error(client.delete("/analyze"), 405)
@@ -263,12 +272,13 @@ def test_failed_load_is_unhealthy_not_healthy(make_app, settings, tmp_path):
     assert_error(upload(client, image_bytes()), 503, "failed to load")
 
 
-def test_unexpected_error_is_500_without_details(make_app, settings, tiny_engine):
+def test_failing_model_is_503_without_details(make_app, settings, tiny_engine):
     engine = BrokenEngine(tiny_engine)
     engine.gate.set()
     client = make_app(settings, engine=engine).test_client()
-    message = assert_error(upload(client, image_bytes()), 500)
-    assert "secret" not in message
+    response = upload(client, image_bytes())
+    message = assert_error(response, 503, "model failed on this image")
+    assert "secret" not in message and response.headers["Retry-After"]
     health = client.get("/health")
     assert health.status_code == 503, "a failing model is not healthy"
     assert "Inference is failing" in health.get_json()["error"]

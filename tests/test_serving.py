@@ -129,6 +129,13 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
         wait_healthy(int(env["PORT"]), process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # both workers, not just the first to finish loading
+            codes = {requests.get(f"{base}/health", timeout=5, headers={"Connection": "close"}).status_code
+                     for _ in range(8)}
+            if codes == {200}:
+                break
+            time.sleep(0.2)
         sent = 12
         for _ in range(sent):
             response = requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())}, timeout=30)

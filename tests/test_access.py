@@ -1,0 +1,132 @@
+"""Who may call the service: API_KEY (Bearer) on every route but /health and /, and CORS_ORIGINS."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+from fake_engines import load_tiny_engine
+from test_routes import assert_error, assert_success, image_bytes, upload
+
+KEY = "s3cret-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return load_tiny_engine(tiny_model_dir)
+
+
+@pytest.fixture
+def keyed(make_app, settings, tiny_engine):
+    return make_app(dataclasses.replace(settings, api_key=KEY), engine=tiny_engine).test_client()
+
+
+def auth(value: str) -> dict:
+    return {"Authorization": value}
+
+
+def test_analyze_needs_the_key(keyed):
+    assert_error(upload(keyed, image_bytes()), 401, "Authorization: Bearer")
+    assert KEY not in keyed.post("/analyze").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("header", [
+    "Bearer wrong-key",
+    f"Bearer {KEY}x",
+    f"Bearer {KEY[:-1]}",
+    "Bearer ",
+    "Bearer",
+    KEY,
+    f"Basic {KEY}",
+    f"Token {KEY}",
+    f"Bearer{KEY}",
+])
+def test_wrong_or_malformed_key_is_401(keyed, header):
+    response = keyed.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png")},
+                          content_type="multipart/form-data", headers=auth(header))
+    assert_error(response, 401, "API key")
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_right_key_is_accepted_whatever_the_scheme_case(keyed, scheme):
+    response = keyed.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png")},
+                          content_type="multipart/form-data", headers=auth(f"{scheme} {KEY}"))
+    assert_success(response)
+
+
+def test_key_in_the_query_string_is_not_a_key(keyed):
+    assert_error(keyed.get("/analyze", query_string={"api_key": KEY, "file": "/x.png"}), 401)
+
+
+def test_open_paths_need_no_key_and_the_rest_do(keyed):
+    health = keyed.get("/health")
+    assert health.status_code == 200 and health.get_json()["status"] == "healthy"
+    assert keyed.get("/").status_code == 200
+    for path in ("/labels", "/metrics", "/analyze"):
+        assert_error(keyed.get(path), 401)
+        assert keyed.get(path, headers=auth(f"Bearer {KEY}")).status_code != 401
+    assert keyed.get("/labels", headers=auth(f"Bearer {KEY}")).status_code == 200
+    assert keyed.get("/metrics", headers=auth(f"Bearer {KEY}")).status_code == 200
+
+
+def test_no_key_configured_means_open(make_app, settings, tiny_engine):
+    client = make_app(settings, engine=tiny_engine).test_client()
+    assert_success(upload(client, image_bytes()))
+
+
+def test_cors_default_allows_any_origin(make_app, settings, tiny_engine):
+    client = make_app(settings, engine=tiny_engine).test_client()
+    response = client.get("/health", headers={"Origin": "https://anywhere.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    response = client.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png")},
+                           content_type="multipart/form-data", headers={"Origin": "https://x.example"})
+    assert_success(response)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Origin" not in client.get("/health").headers, "no Origin, no CORS"
+
+
+def test_cors_listed_origins_only(make_app, settings, tiny_engine):
+    client = make_app(dataclasses.replace(settings, cors_origins=("https://a.example",)),
+                      engine=tiny_engine).test_client()
+    allowed = client.get("/health", headers={"Origin": "https://a.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "Origin" in allowed.headers.get("Vary", "")
+    refused = client.get("/health", headers={"Origin": "https://b.example"})
+    assert refused.status_code == 200  # CORS is the browser's rule; the server only withholds the header
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    assert "Origin" in refused.headers.get("Vary", ""), "caches must not reuse a/b answers for each other"
+    lookalike = client.get("/health", headers={"Origin": "https://a.example.evil.example"})
+    assert "Access-Control-Allow-Origin" not in lookalike.headers
+
+
+def test_cors_empty_allows_no_origin(make_app, settings, tiny_engine):
+    client = make_app(dataclasses.replace(settings, cors_origins=()), engine=tiny_engine).test_client()
+    response = client.get("/health", headers={"Origin": "https://a.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+@pytest.mark.parametrize("cors_origins, origin, allowed", [
+    (("*",), "https://a.example", "*"),
+    (("https://a.example",), "https://a.example", "https://a.example"),
+])
+def test_preflight_works_without_the_key(make_app, settings, tiny_engine, cors_origins, origin, allowed):
+    client = make_app(dataclasses.replace(settings, api_key=KEY, cors_origins=cors_origins),
+                      engine=tiny_engine).test_client()
+    response = client.options("/analyze", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert response.status_code in (200, 204)
+    assert response.headers["Access-Control-Allow-Origin"] == allowed
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    allowed_headers = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed_headers and "content-type" in allowed_headers
+
+
+def test_401_is_readable_by_an_allowed_origin(make_app, settings, tiny_engine):
+    """A browser page must be able to read why it was refused."""
+    client = make_app(dataclasses.replace(settings, api_key=KEY, cors_origins=("https://a.example",)),
+                      engine=tiny_engine).test_client()
+    response = client.post("/analyze", headers={"Origin": "https://a.example"})
+    assert_error(response, 401)
+    assert response.headers["Access-Control-Allow-Origin"] == "https://a.example"

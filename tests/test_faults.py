@@ -1,0 +1,557 @@
+"""Faults the service must survive: shutdown and dead workers under gunicorn, hostile URL upstreams,
+a broken emoji API, a corrupt label cache, and a failing or out-of-memory device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from fake_engines import DeviceFaultEngine, HangingEngine, OutOfMemoryEngine, load_tiny_engine
+from test_routes import assert_error, assert_success, image_bytes, upload
+from test_serving import server_env, start, stop, wait_healthy  # noqa: F401 - server_env is a fixture
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return load_tiny_engine(tiny_model_dir)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return condition()
+
+
+# --- the real server: SIGTERM drain and a killed worker --------------------------------------------
+
+
+class DelayedImage:
+    """An HTTP server on 127.0.0.1 that answers an image `delay` seconds after each request."""
+
+    def __init__(self, delay: float, body: bytes):
+        requested = self.requested = threading.Event()
+        closing = self.closing = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                requested.set()
+                closing.wait(delay)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def worker_pids(master: int) -> set[int]:
+    children = set()
+    for task in Path(f"/proc/{master}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+    return children
+
+
+def test_sigterm_drains_a_request_in_flight(server_env, tmp_path):  # noqa: F811
+    upstream = DelayedImage(2.0, image_bytes())
+    process = start(server_env, tmp_path / "drain.log")
+    base = f"http://127.0.0.1:{server_env['PORT']}"
+    answer: dict = {}
+    try:
+        wait_healthy(int(server_env["PORT"]), process)
+
+        def slow_request():
+            began = time.monotonic()
+            try:
+                answer["response"] = requests.get(f"{base}/analyze", params={"url": upstream.url}, timeout=30)
+            except requests.RequestException as error:
+                answer["error"] = error
+            answer["seconds"] = time.monotonic() - began
+
+        client = threading.Thread(target=slow_request, daemon=True)
+        client.start()
+        assert upstream.requested.wait(10), "the request never reached the upstream"
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGTERM)
+        term_sent = time.monotonic()
+        client.join(30)
+        assert not client.is_alive()
+        assert "error" not in answer, f"the request in flight was dropped: {answer.get('error')!r}"
+        response = answer["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "success"
+        assert answer["seconds"] >= 2.0
+        assert process.wait(timeout=30) == 0
+        print(f"\ndrain: request in flight at SIGTERM answered 200 after {answer['seconds']:.2f} s; "
+              f"gunicorn exited 0 {time.monotonic() - term_sent:.2f} s after SIGTERM")
+    finally:
+        stop(process)
+        upstream.close()
+    assert "Traceback" not in (tmp_path / "drain.log").read_text()
+
+
+def test_a_killed_worker_is_replaced(server_env, tmp_path):  # noqa: F811
+    env = {**server_env, "WORKERS": "1", "THREADS": "2"}
+    process = start(env, tmp_path / "kill.log")
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_healthy(int(env["PORT"]), process)
+        (first,) = worker_pids(process.pid)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        replacement = wait_for(lambda: worker_pids(process.pid) - {first}, timeout=20)
+        assert replacement, "gunicorn did not start a new worker"
+        # A request sent while the new worker loads waits in the listen queue; it is never refused.
+        statuses = []
+        healthy = None
+        while time.monotonic() - killed < 40:
+            response = requests.get(f"{base}/health", timeout=30, headers={"Connection": "close"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                healthy = time.monotonic() - killed
+                break
+            assert response.json()["model_status"] == "loading"
+            time.sleep(0.2)
+        assert healthy is not None, f"/health never recovered: {statuses}"
+        response = requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())}, timeout=30)
+        assert response.status_code == 200 and response.json()["status"] == "success"
+        assert process.poll() is None
+        print(f"\nworker kill: pid {first} SIGKILLed, replaced by {sorted(replacement)}, /health 200 "
+              f"after {healthy:.2f} s (statuses {statuses}), upload 200")
+    finally:
+        assert stop(process) == 0
+
+
+# --- hostile URL upstreams ---------------------------------------------------------------------------
+
+
+PNG = image_bytes()
+
+
+class HostileUpstream:
+    """A raw TCP server on 127.0.0.1 that misbehaves per path; `closing` ends every trick at teardown.
+
+    One request per connection: the connection is closed after each answer.
+    """
+
+    def __init__(self):
+        self.closing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket):
+        try:
+            conn.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            path = head.split(b" ", 2)[1].decode()
+            conn.settimeout(None)
+            getattr(self, "do_" + path.strip("/").replace("-", "_"))(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _drip(self, conn: socket.socket, data: bytes, interval: float = 0.2):
+        for byte in data:
+            if self.closing.wait(interval):
+                return
+            conn.sendall(bytes([byte]))
+
+    def do_drip_headers(self, conn):
+        self._drip(conn, b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
+                   % len(PNG) + PNG)
+
+    def do_drip_body(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(PNG))
+        self._drip(conn, PNG)
+
+    def do_silent(self, conn):
+        self.closing.wait(30)
+
+    def do_endless(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n\r\n" + PNG)
+        block = b"\0" * 65536
+        while not self.closing.is_set():
+            conn.sendall(block)
+
+    def do_endless_chunked(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n")
+        block = b"10000\r\n" + b"\0" * 65536 + b"\r\n"
+        while not self.closing.is_set():
+            conn.sendall(block)
+
+    def do_loop(self, conn):
+        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n")
+
+    def do_huge_header(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: %d\r\n\r\n"
+                     % len(PNG) + PNG)
+
+    def do_many_headers(self, conn):
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: %d\r\n\r\n" % len(PNG) + PNG)
+
+    def do_not_http(self, conn):
+        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    def do_reset(self, conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    def do_short_body(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(PNG) * 2) + PNG)
+
+    def do_lying_length(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n" + PNG)
+
+    def do_image(self, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(PNG) + PNG)
+
+    def close(self):
+        self.closing.set()
+        self.listener.close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+@pytest.fixture
+def hostile():
+    server = HostileUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def url_client(make_app, settings, tiny_engine):
+    limited = dataclasses.replace(settings, url_allowlist=("127.0.0.1",), url_timeout=1.0,
+                                  max_image_bytes=1024 * 1024)
+    return make_app(limited, engine=tiny_engine).test_client()
+
+
+@pytest.mark.parametrize("path, status, fragment", [
+    ("/drip-headers", 502, "URL_TIMEOUT"),
+    ("/drip-body", 502, "URL_TIMEOUT"),
+    ("/silent", 502, "URL_TIMEOUT"),
+    ("/endless", 413, "MAX_IMAGE_BYTES"),
+    ("/endless-chunked", 413, "MAX_IMAGE_BYTES"),
+    ("/loop", 502, "redirected more than 5 times"),
+    ("/huge-header", 502, "Could not fetch URL"),
+    ("/many-headers", 502, "Could not fetch URL"),
+    ("/not-http", 502, "Could not fetch URL"),
+    ("/reset", 502, "Could not fetch URL"),
+    ("/short-body", 502, "Could not fetch URL"),
+    ("/lying-length", 413, "MAX_IMAGE_BYTES"),
+])
+def test_hostile_upstream_is_answered_in_time(url_client, hostile, path, status, fragment):
+    began = time.monotonic()
+    response = url_client.get("/analyze", query_string={"url": hostile.url(path)})
+    took = time.monotonic() - began
+    assert_error(response, status, fragment)
+    assert took < 2.0, f"{path} held the request for {took:.2f} s (URL_TIMEOUT=1)"
+    assert_success(url_client.get("/analyze", query_string={"url": hostile.url("/image")}))
+    assert_success(upload(url_client, PNG))
+
+
+# --- the emoji API -----------------------------------------------------------------------------------
+
+
+class EmojiApi:
+    """A controllable emoji API on 127.0.0.1.
+
+    `mode`: hang (accepts, never answers), slow (answers after 5 s), garbage (not JSON), 500, list (JSON
+    but not an object), deep (JSON nested 100,000 deep), cut (the connection drops mid-body), drip (a
+    byte every 0.2 s, for ever) or good.
+    """
+
+    def __init__(self, mode: str, good: bytes):
+        self.mode = mode
+        self.hits = 0
+        api, closing = self, threading.Event()
+        self.closing = closing
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                api.hits += 1
+                mode = api.mode
+                if mode == "hang":
+                    closing.wait(30)
+                    return
+                if mode == "slow" and closing.wait(5):
+                    return
+                if mode == "cut":  # the connection drops in the middle of the body
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"cat": ')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if mode == "drip":  # headers at once, then one byte every 0.2 s: each read is quick
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    while not closing.wait(0.2):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    return
+                status, body = {"garbage": (200, b"\x89PNG{not json"), "500": (500, b"oops"),
+                                "list": (200, b'["cat"]'), "deep": (200, b"[" * 100_000),
+                                }.get(mode, (200, good))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", [
+    "hang", "slow", "garbage", "500", "list",
+    "deep", "cut", "drip",
+])
+def test_broken_emoji_api_never_delays_start_or_requests(make_app, settings, tiny_engine, mode):
+    api = EmojiApi(mode, '{"cat": "🐈"}'.encode())
+    try:
+        broken = dataclasses.replace(settings, api_port=api.port, api_timeout=0.5, emoji_retry_seconds=0.2)
+        began = time.monotonic()
+        app = make_app(broken, engine=tiny_engine, wait=False)
+        create_seconds = time.monotonic() - began
+        assert create_seconds < 0.5 + 0.5, f"create_app took {create_seconds:.2f} s with API_TIMEOUT=0.5"
+        assert app.extensions["clip_service"].wait_until_settled(30)
+        client = app.test_client()
+        began = time.monotonic()
+        body = assert_success(upload(client, image_bytes()))
+        assert time.monotonic() - began < 1.0, "a request waited for the emoji API"
+        emoji = {p["label"]: p.get("emoji") for p in body["predictions"]}
+        assert emoji["cat"] == "🐱", "the local dictionary answers while the API is broken"
+
+        api.mode = "good"
+
+        def recovered():
+            answer = upload(client, image_bytes()).get_json()
+            return {p["label"]: p.get("emoji") for p in answer["predictions"]}["cat"] == "🐈"
+
+        assert wait_for(recovered, timeout=4, interval=0.1), "the mappings never came once the API was fixed"
+    finally:
+        api.close()
+
+
+# --- the label-feature cache ---------------------------------------------------------------------------
+
+
+def _garbage(data: bytes) -> bytes:
+    return b"this is not a safetensors file" * 10
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _empty(data: bytes) -> bytes:
+    return b""
+
+
+def _flipped(data: bytes) -> bytes:
+    """One byte of the features changed: still a valid file, but the checksum no longer matches."""
+    return data[:-8] + bytes([data[-8] ^ 0x40]) + data[-7:]
+
+
+@pytest.mark.parametrize("corrupt", [_garbage, _truncated, _empty, _flipped])
+def test_corrupt_label_cache_is_rebuilt_at_start(make_app, settings, tiny_engine, caplog, corrupt):
+    first = make_app(settings, engine=tiny_engine)
+    expected = assert_success(upload(first.test_client(), image_bytes()))["predictions"]
+    first.extensions["clip_service"].stop()
+    (cache,) = settings.cache_dir.glob("label-features-*.safetensors")
+    cache.write_bytes(corrupt(cache.read_bytes()))
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clip_service"):
+        second = make_app(settings, engine=tiny_engine)
+    client = second.test_client()
+    assert client.get("/health").status_code == 200
+    assert assert_success(upload(client, image_bytes()))["predictions"] == expected
+    assert "rebuilding it" in caplog.text
+    assert "Encoding 10 labels" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clip_service"):
+        make_app(settings, engine=tiny_engine)
+    assert "Loaded 10 label features" in caplog.text, "the rebuilt cache is written back and used"
+
+
+# --- device faults -------------------------------------------------------------------------------------
+
+
+def test_device_fault_turns_health_red_then_green(make_app, settings, tiny_engine):
+    engine = DeviceFaultEngine(tiny_engine)
+    app = make_app(dataclasses.replace(settings, health_canary_seconds=0.2), engine=engine)
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+
+    engine.failing.set()
+    began = time.monotonic()
+    red = wait_for(lambda: (r := client.get("/health")).status_code == 503 and r, timeout=3)
+    assert red, "/health stayed 200 while inference failed"
+    body = red.get_json()
+    assert body["status"] == "unhealthy"
+    assert body["error"].startswith("Inference is failing")
+    assert DeviceFaultEngine.MESSAGE in body["error"]
+    red_after = time.monotonic() - began
+    failed = upload(client, image_bytes())
+    assert failed.status_code in (500, 503)
+    assert "device-side" not in assert_error(failed, failed.status_code), "internals stay in the log"
+
+    engine.failing.clear()
+    began = time.monotonic()
+    assert wait_for(lambda: client.get("/health").status_code == 200, timeout=3), "/health never recovered"
+    green_after = time.monotonic() - began
+    assert client.get("/health").get_json()["status"] == "healthy"
+    assert_success(upload(client, image_bytes()))
+    print(f"\ndevice fault: /health 503 {red_after:.2f} s after the fault, 200 {green_after:.2f} s after "
+          "it cleared")
+
+
+def test_hung_device_gives_504s_and_red_health_then_recovers(make_app, settings, tiny_engine):
+    engine = HangingEngine(tiny_engine)
+    app = make_app(dataclasses.replace(settings, health_canary_seconds=0.2, request_timeout=0.5),
+                   engine=engine)
+    client = app.test_client()
+    engine.hanging.set()
+    for _ in range(2):
+        began = time.monotonic()
+        assert_error(upload(client, image_bytes()), 504, "REQUEST_TIMEOUT")
+        assert time.monotonic() - began < 1.2
+    red = wait_for(lambda: (r := client.get("/health")).status_code == 503 and r, timeout=3)
+    assert red, "/health stayed 200 while the device hung"
+    assert red.get_json()["error"].startswith("Inference is failing: DeadlineExceeded")
+
+    engine.hanging.clear()
+    engine.release.set()
+    assert wait_for(lambda: client.get("/health").status_code == 200, timeout=4), "/health never recovered"
+    assert_success(upload(client, image_bytes()))
+    assert app.extensions["clip_service"].in_flight == 0
+
+
+def _concurrent_uploads(client_factory, count: int) -> list:
+    barrier = threading.Barrier(count)
+    responses = [None] * count
+
+    def one(index):
+        client = client_factory()
+        barrier.wait()
+        responses[index] = upload(client, image_bytes(colour=(index * 20, 50, 200)))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    return responses
+
+
+def test_out_of_memory_batches_are_split(make_app, settings, tiny_engine):
+    engine = OutOfMemoryEngine(tiny_engine, max_batch=2)
+    app = make_app(dataclasses.replace(settings, batch_wait_ms=50, batch_max_size=8,
+                                       health_canary_seconds=0), engine=engine)
+    responses = _concurrent_uploads(app.test_client, 8)
+    for response in responses:
+        assert_success(response)
+    assert engine.failed, f"no batch over 2 was formed (batches {engine.batches}); nothing was split"
+    assert max(app.extensions["clip_service"].classifier.batcher.batch_sizes) <= 2
+    print(f"\nOOM split: 8 concurrent requests all 200; batches tried {engine.batches}, "
+          f"out of memory on {engine.failed}")
+
+
+def test_out_of_memory_on_every_batch_is_503_and_the_worker_survives(make_app, settings, tiny_engine):
+    engine = OutOfMemoryEngine(tiny_engine, max_batch=0)
+    app = make_app(dataclasses.replace(settings, batch_wait_ms=20, health_canary_seconds=0), engine=engine)
+    client = app.test_client()
+    response = upload(client, image_bytes())
+    assert_error(response, 503, "out of memory")
+    assert int(response.headers["Retry-After"]) >= 1
+    for response in _concurrent_uploads(app.test_client, 4):
+        assert_error(response, 503, "out of memory")
+
+    engine.oom.clear()
+    for response in _concurrent_uploads(app.test_client, 4):
+        assert_success(response)
+    assert_success(upload(client, image_bytes()))
+    assert client.get("/health").status_code == 200
+
+
+def test_label_longer_than_the_context_loads_with_a_warning(make_app, settings, tiny_engine, tmp_path,
+                                                           caplog):
+    labels = tmp_path / "long-labels"
+    labels.mkdir()
+    long_label = " ".join(f"word{i}" for i in range(300))
+    (labels / "things.txt").write_text(f"cat\ndog\n{long_label}\n")
+    with caplog.at_level(logging.WARNING, logger="clip_service"):
+        app = make_app(dataclasses.replace(settings, labels_dir=labels), engine=tiny_engine)
+    client = app.test_client()
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["num_labels"] == 3
+    assert "token context" in caplog.text
+    body = assert_success(upload(client, image_bytes()))
+    assert long_label in {p["label"] for p in body["predictions"]}
+    assert client.get("/labels").status_code == 200
