@@ -15,6 +15,7 @@ from pathlib import Path
 from clip_service import tagger
 from clip_service.labels import LabelsError
 from clip_service.model import ModelLoadError
+from clip_service.ranges import parse_in_range
 from clip_service.settings import Settings, SettingsError, load_settings
 
 PROG = "python -m clip_service"
@@ -47,25 +48,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def threshold_arg(raw: str) -> float:
-    allowed = "allowed: a number from 0 to 1"
     try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw} is not a number; {allowed}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{raw} is out of range; {allowed}")
-    return value
+        return parse_in_range(raw, float, 0.0, 1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def limit_arg(raw: str) -> int:
-    allowed = "allowed: an integer from 1 up"
     try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw} is not an integer; {allowed}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{raw} is out of range; {allowed}")
-    return value
+        return parse_in_range(raw, int, 1)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_tag_command(commands) -> None:

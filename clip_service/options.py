@@ -6,6 +6,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from clip_service.errors import BadInput
+from clip_service.ranges import parse_in_range
 
 MAX_REQUEST_LABELS = 100
 MAX_LABEL_CHARACTERS = 64
@@ -26,6 +27,13 @@ def _one(get: Callable[[str], list[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
+def _in_range(name: str, raw: str, kind: type, minimum: float, maximum: float) -> float:
+    try:
+        return parse_in_range(raw, kind, minimum, maximum)
+    except ValueError as error:
+        raise BadInput(f"{name}={error}") from None
+
+
 def _items(raw: str) -> list[str]:
     return [" ".join(item.split()) for item in raw.split(",") if item.strip()]
 
@@ -36,21 +44,10 @@ def parse_options(get: Callable[[str], list[str]], default_threshold: float, max
     threshold, limit = default_threshold, max_predictions
     raw = _one(get, "threshold")
     if raw is not None:
-        try:
-            threshold = float(raw)
-        except ValueError:
-            raise BadInput(f"threshold={raw} is not a number; allowed: 0 to 1") from None
-        if not 0.0 <= threshold <= 1.0:
-            raise BadInput(f"threshold={raw} is out of range; allowed: 0 to 1")
+        threshold = _in_range("threshold", raw, float, 0.0, 1.0)
     raw = _one(get, "limit")
     if raw is not None:
-        try:
-            limit = int(raw)
-        except ValueError:
-            raise BadInput(f"limit={raw} is not an integer; allowed: 1 to {max_predictions}") from None
-        if not 1 <= limit <= max_predictions:
-            raise BadInput(f"limit={raw} is out of range; allowed: 1 to {max_predictions} "
-                           "(CLIP_MAX_PREDICTIONS)")
+        limit = _in_range("limit", raw, int, 1, max_predictions)
     labels = groups = None
     raw = _one(get, "labels")
     if raw is not None:

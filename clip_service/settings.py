@@ -15,6 +15,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from clip_service.model import ModelSpec, parse_model_spec
+from clip_service.ranges import parse_in_range
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENV_FILE = PROJECT_ROOT / ".env"
@@ -77,28 +78,18 @@ class Settings:
 
 
 def _integer(name: str, raw: str, minimum: int, maximum: int | None = None) -> int:
-    allowed = f"an integer from {minimum}" + (f" to {maximum}" if maximum is not None else " up")
     try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw} is not an integer; allowed: {allowed}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        raise SettingsError(f"{name}={raw} is out of range; allowed: {allowed}")
-    return value
+        return parse_in_range(raw, int, minimum, maximum)
+    except ValueError as error:
+        raise SettingsError(f"{name}={error}") from None
 
 
 def _number(name: str, raw: str, minimum: float, maximum: float | None = None,
             exclusive_minimum: bool = False) -> float:
-    low = f"above {minimum:g}" if exclusive_minimum else f"from {minimum:g}"
-    allowed = f"a number {low}" + (f" to {maximum:g}" if maximum is not None else "")
     try:
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw} is not a number; allowed: {allowed}") from None
-    too_low = value <= minimum if exclusive_minimum else value < minimum
-    if value != value or too_low or (maximum is not None and value > maximum):
-        raise SettingsError(f"{name}={raw} is out of range; allowed: {allowed}")
-    return value
+        return parse_in_range(raw, float, minimum, maximum, exclusive_minimum)
+    except ValueError as error:
+        raise SettingsError(f"{name}={error}") from None
 
 
 def _boolean(name: str, raw: str) -> bool:

@@ -6,9 +6,13 @@ sending a packet, so a broken SSRF guard is caught without traffic leaving the m
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
 import socket
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -149,44 +153,72 @@ def client(app):
     return app.test_client()
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that does not log, with a one-call answer."""
+
+    def answer(self, status: int, body: bytes, headers: dict | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_http(handler: type[BaseHTTPRequestHandler], port: int = 0) -> ThreadingHTTPServer:
+    """A threaded HTTP server on 127.0.0.1, serving in a daemon thread; stop it with stop_http."""
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_http(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10):
+    """Fail a request that hangs instead of hanging the test run (main thread, Unix)."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"the request was still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class LocalServer:
     """A real HTTP server on 127.0.0.1; `routes` maps a path to (status, headers, body)."""
 
     def __init__(self, port: int = 0):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         routes = self.routes = {}
-        self.hits: list[str] = []
-        hits = self.hits
+        hits = self.hits = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 hits.append(self.path)
                 status, headers, body = routes.get(self.path, (404, {}, b"not found"))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(status, body, headers)
 
-            def log_message(self, *args):
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_http(Handler, port)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import signal
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
+from conftest import QuietHandler, serve_http, stop_http
 from fake_engines import DeviceFaultEngine, HangingEngine, OutOfMemoryEngine, load_tiny_engine
 from test_routes import assert_error, assert_success, image_bytes, upload
 from test_serving import server_env, start, stop, wait_healthy  # noqa: F401 - server_env is a fixture
@@ -47,28 +47,18 @@ class DelayedImage:
         requested = self.requested = threading.Event()
         closing = self.closing = threading.Event()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 requested.set()
                 closing.wait(delay)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(200, body, {"Content-Type": "image/png"})
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_http(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.png"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 def worker_pids(master: int) -> set[int]:
@@ -317,7 +307,7 @@ class EmojiApi:
         api, closing = self, threading.Event()
         self.closing = closing
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 api.hits += 1
                 mode = api.mode
@@ -345,24 +335,14 @@ class EmojiApi:
                 status, body = {"garbage": (200, b"\x89PNG{not json"), "500": (500, b"oops"),
                                 "list": (200, b'["cat"]'), "deep": (200, b"[" * 100_000),
                                 }.get(mode, (200, good))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(status, body, {"Content-Type": "application/json"})
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_http(Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.mark.parametrize("mode", [

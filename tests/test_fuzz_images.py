@@ -10,14 +10,12 @@ as many cases (the default keeps the file near 30 s). The runs are derandomised,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
 import io
 import os
 import resource
-import signal
 import struct
 import time
 import zipfile
@@ -26,6 +24,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import no_hang
 from hypothesis import HealthCheck, given, note
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -255,22 +254,6 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@contextlib.contextmanager
-def watchdog(seconds: int = HANG_SECONDS):
-    """Fail a case that hangs instead of hanging the test run (main thread, Unix)."""
-
-    def hung(signum, frame):
-        raise TimeoutError(f"the request was still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 TOTALS: Counter = Counter()
 
 
@@ -295,7 +278,7 @@ def test_crafted_file(name, make_app, settings):
     client = make_app(settings).test_client()
     data = seed(name)
     started = time.perf_counter()
-    with watchdog():
+    with no_hang(HANG_SECONDS):
         response = upload(client, data)
     elapsed = time.perf_counter() - started
     assert check_outcome(response) == status, response.get_json()
@@ -349,7 +332,7 @@ def test_extreme_aspect_ratio_stays_cheap(name, client):
     reset_peak_rss()
     before = rss_mb()
     started = time.perf_counter()
-    with watchdog():
+    with no_hang(HANG_SECONDS):
         response = upload(client, seed(name))
     elapsed = time.perf_counter() - started
     peak_growth = peak_rss_mb() - before
@@ -574,7 +557,7 @@ def test_fuzz_upload(strategy, client):
         name, data = case
         note(f"seed {name}, {len(data)} bytes, first 64: {data[:64]!r}")
         started = time.perf_counter()
-        with watchdog():
+        with no_hang(HANG_SECONDS):
             response = upload(client, data)
         elapsed = time.perf_counter() - started
         if elapsed > slowest[0]:

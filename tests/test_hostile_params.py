@@ -8,14 +8,13 @@ service open a connection (the conftest network fence records any attempt).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
-import signal
 from pathlib import Path
 
 import pytest
+from conftest import no_hang
 from PIL import Image
 
 SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
@@ -46,22 +45,6 @@ def assert_success(response) -> dict:
     assert response.status_code == 200, body
     assert set(body) == SUCCESS_KEYS and body["status"] == "success"
     return body
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail instead of hanging (a FIFO or device read that blocks would hang the test run)."""
-
-    def hung(signum, frame):
-        raise TimeoutError(f"the request was still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
