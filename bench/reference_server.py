@@ -66,6 +66,7 @@ class Reference:
         self.model.eval()
         self.dtype = next(self.model.parameters()).dtype
         self.name = model
+        self.framework = "OpenAI" if pretrained == "openai" else "OpenCLIP"
         self.labels = load_labels(labels_dir).labels
         self.emoji = _emoji_dictionary(labels_dir / "emoji.json")
         tokenizer = open_clip.get_tokenizer(name)
@@ -137,8 +138,8 @@ def create_app(reference: Reference) -> Flask:
                 return _error(404, f"File not found: {path}", started)
             image = Image.open(path).convert("RGB")
         predictions = reference.predict(image)
-        model_info = {"framework": "OpenAI" if reference.name.startswith(("ViT-B/", "ViT-L/", "RN"))
-                      else "OpenCLIP", "model": reference.name, "device": reference.device}
+        model_info = {"framework": reference.framework, "model": reference.name,
+                      "device": reference.device}
         return jsonify({"service": "clip", "status": "success", "predictions": predictions,
                         "metadata": {"processing_time": round(time.time() - started, 3),
                                      "model_info": model_info}})

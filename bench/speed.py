@@ -76,29 +76,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra setting for the service (repeatable), e.g. WORKERS=2")
     parser.add_argument("--max-other-cpu", type=float, metavar="PCT",
-                        help="re-measure a cell (at most twice more) when processes outside the "
-                        "benchmark used over PCT %% of the CPU during it; the least disturbed try is kept")
+                        help="for a shared machine: start each cell once other processes use at most "
+                        "PCT %% of the CPU (waiting up to 2 minutes), re-measure a cell they disturbed "
+                        "more (at most twice more) and keep the least disturbed try")
     parser.add_argument("--start-timeout", type=float, default=1800,
                         help="seconds a server may take to become healthy (default 1800)")
     parser.add_argument("--logs", type=Path, help="keep the work folder (server logs, model, images, "
                         "cache) here instead of a temporary folder")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json",
                         help="where the JSON goes (default bench/results.json)")
+    parser.add_argument("--concurrency", help="comma-separated client counts, e.g. 1,16,64 "
+                        "(default 1,4,16; --quick 1,16)")
+    parser.add_argument("--sizes", dest="size_list", help="comma-separated image sizes from "
+                        f"{', '.join(SIZES)} (default all; --quick 640x480,1920x1080)")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 8.0)
     args.concurrencies = (1, 16) if args.quick else (1, 4, 16)
+    if args.concurrency:
+        try:
+            args.concurrencies = tuple(int(item) for item in args.concurrency.split(","))
+        except ValueError:
+            parser.error(f"--concurrency {args.concurrency}: give comma-separated integers, e.g. 1,16,64")
     args.sizes = QUICK_SIZES if args.quick else tuple(SIZES)
+    if args.size_list:
+        args.sizes = tuple(args.size_list.split(","))
+        unknown = [size for size in args.sizes if size not in SIZES]
+        if unknown:
+            parser.error(f"--sizes: {unknown[0]} is not one of {', '.join(SIZES)}")
     args.memory_at = _memory_checkpoints(args.memory_requests or ("100,400" if args.quick else "500,2000"))
     args.extra_env = dict(_key_value(item, parser) for item in args.service_env)
+    args.logs = args.logs.resolve() if args.logs else None  # the servers run in the project folder
     return args
 
 
 def _memory_checkpoints(raw: str) -> tuple[int, int] | None:
     if raw.strip() == "0":
         return None
-    first, second = (int(part) for part in raw.split(","))
+    try:
+        first, second = (int(part) for part in raw.split(","))
+    except ValueError:
+        first = second = 0
     if not 0 < first < second:
-        raise SystemExit("--memory-requests needs two counts, the first smaller, e.g. 500,2000")
+        raise SystemExit(f"--memory-requests {raw}: needs two counts, the first smaller, e.g. 500,2000")
     return first, second
 
 
@@ -122,6 +141,10 @@ def prepare_model(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
         if config is None:
             raise SystemExit(f"--arch {args.arch}: not an open_clip architecture; see "
                              "open_clip.list_models()")
+        if config.get("custom_text") or "multimodal_cfg" in config:
+            raise SystemExit(f"--arch {args.arch}: only plain CLIP architectures (ViT-*, RN*, convnext_*) "
+                             "can be written with random weights here; SigLIP, CoCa and other custom "
+                             "text towers need --model with real weights")
         write_tiny_clip(folder, model_cfg=config)
         return f"local-dir:{folder}", f"{args.arch}, full size, random weights"
     write_tiny_clip(folder)
@@ -152,15 +175,18 @@ def free_port() -> int:
 
 
 def clean_environ() -> dict[str, str]:
+    """The caller's environment without service settings (CLIP_VENV, which CLIP.sh reads, stays)."""
     return {key: value for key, value in os.environ.items()
-            if not key.startswith(_SETTING_PREFIXES) and key not in _SETTING_NAMES}
+            if key == "CLIP_VENV" or (not key.startswith(_SETTING_PREFIXES) and key not in _SETTING_NAMES)}
 
 
 def git_state() -> dict:
     """Which code was measured: others edit the service while benchmarks run."""
     def git(*words: str) -> str:
-        return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+        return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True).stdout
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()  # "XY path"
+    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed),
+            "uncommitted_changes": [line[3:] for line in changed]}
 
 
 # -------------------------------------------------------------------------------------------- servers
@@ -217,6 +243,11 @@ class Server:
         """VmRSS of every live process in the group (gunicorn master and workers), by pid."""
         return {pid: _vm_rss(pid) for pid in _process_group(self.process.pid)}
 
+    def pss_bytes(self) -> int:
+        """Proportional set size of the group: shared pages split between their sharers, so unlike
+        the RSS sum it is what the group really costs (the workers share the master's pages)."""
+        return sum(_smaps_field(pid, "Pss:") for pid in _process_group(self.process.pid))
+
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -237,9 +268,18 @@ def _process_group(pgid: int) -> list[int]:
 
 
 def _vm_rss(pid: int) -> int:
+    return _proc_field(Path(f"/proc/{pid}/status"), "VmRSS:")
+
+
+def _smaps_field(pid: int, name: str) -> int:
+    return _proc_field(Path(f"/proc/{pid}/smaps_rollup"), name)
+
+
+def _proc_field(path: Path, name: str) -> int:
+    """A `Name: <n> kB` line of a /proc file, in bytes; 0 when the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(name):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -402,8 +442,13 @@ def run_matrix(args, service: Server, reference: Server, images: dict[str, list[
 
 
 def measure_memory(service: Server, paths: list[Path], checkpoints: tuple[int, int]) -> dict:
-    """RSS of the whole process group at two points of one steady upload load (concurrency 4)."""
-    readings = {"idle": sum(service.rss_bytes().values())}
+    """RSS of the whole process group at two points of one steady upload load (concurrency 4).
+
+    The sum counts pages the master and its forked workers share twice; that does not matter for the
+    growth between the two checkpoints, which is what shows a leak.
+    """
+    readings = {"idle": sum(service.rss_bytes().values())}  # then keyed by answer number
+    pss_idle = service.pss_bytes()
 
     def on_answer(number: int) -> None:
         if number in checkpoints:
@@ -414,8 +459,13 @@ def measure_memory(service: Server, paths: list[Path], checkpoints: tuple[int, i
     result = run_closed_loop(send, 4, total=checkpoints[1], on_answer=on_answer).summary()
     first, second = readings[checkpoints[0]], readings[checkpoints[1]]
     mib = 1024 * 1024
+    by_process = service.rss_bytes()
+    master = by_process.pop(service.process.pid, 0)
     return {
-        "load": "upload 640x480, concurrency 4", "processes": len(service.rss_bytes()),
+        "load": "upload 640x480, concurrency 4", "processes": 1 + len(by_process),
+        "rss_master_at_end_mib": round(master / mib, 1),
+        "rss_workers_at_end_mib": [round(value / mib, 1) for value in by_process.values()],
+        "pss_idle_mib": round(pss_idle / mib, 1), "pss_at_end_mib": round(service.pss_bytes() / mib, 1),
         "rss_idle_mib": round(readings["idle"] / mib, 1),
         f"rss_at_{checkpoints[0]}_mib": round(first / mib, 1),
         f"rss_at_{checkpoints[1]}_mib": round(second / mib, 1),
@@ -463,13 +513,15 @@ def format_summary(results: dict) -> str:
         lines.append(f"service RSS ({memory['processes']} processes, {memory['load']}): idle "
                      f"{memory['rss_idle_mib']} MiB, " + ", ".join(
                          f"request {key[7:-4]} {memory[key]} MiB" for key in counts)
-                     + f", growth {memory['growth_percent']} %, errors {memory['errors']}")
+                     + f", growth {memory['growth_percent']} %, errors {memory['errors']}; PSS (shared "
+                     f"pages counted once) idle {memory['pss_idle_mib']} MiB, at the end "
+                     f"{memory['pss_at_end_mib']} MiB")
     for note in results.get("service_log", []):
         if any(word in note for word in ("ERROR", "CRITICAL", "Traceback")):
             lines.append(f"service log: {note}")
     busiest = max((cell[name]["other_cpu_percent"], cell["input"], cell["size"], cell["concurrency"], name)
                   for cell in results["cells"] for name in ("service", "reference"))
-    if busiest[0] > 10:
+    if busiest[0] > (results["settings"]["max_other_cpu"] or 10):
         lines.append(f"WARNING: other processes used up to {busiest[0]} % of the CPU during a cell "
                      f"({busiest[4]} {busiest[1]} {busiest[2]} c={busiest[3]}); the machine was not "
                      "quiet, so compare those cells with care")
@@ -557,7 +609,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in running:
                 server.stop()
-            write_json(args.out, results)
+            if len(results) > 1:  # something was measured; never clobber a file with nothing
+                write_json(args.out, results)
     print(format_table(results["cells"]))
     print()
     print(format_summary(results))
