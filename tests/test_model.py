@@ -137,3 +137,28 @@ def test_bf16_image_tower_gives_the_same_answers(tiny_model_dir):
     a = label_probabilities(full.encode_images(images), labels, full.logit_scale)
     b = label_probabilities(half.encode_images(images), labels, half.logit_scale)
     assert (a - b).abs().max() < 0.01
+
+
+def test_siglip_shaped_model_works_end_to_end(make_app, settings, tmp_path):
+    """Beyond OpenAI's CLIP: custom text tower, timm image tower, its own preprocessing, sigmoid."""
+    import dataclasses
+
+    from test_routes import assert_success, image_bytes, upload
+    from tiny_clip import SIGLIP_PREPROCESS, TINY_SIGLIP_CONFIG
+
+    folder = write_tiny_clip(tmp_path / "siglip", model_cfg=TINY_SIGLIP_CONFIG,
+                             preprocess_cfg=SIGLIP_PREPROCESS)
+    app = make_app(dataclasses.replace(settings, clip_model=f"local-dir:{folder}"))
+    engine = app.extensions["clip_service"].classifier.engine
+    assert type(engine.model).__name__ == "CustomTextCLIP"
+    assert engine.resize_mode == "squash" and engine.logit_bias == pytest.approx(-10.0)
+    texts = ["a photo of a cat.", "a photo of a small dog on a sofa."]
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(
+            engine.model.encode_text(engine.tokenizer(texts)).float(), dim=-1)
+    assert torch.allclose(engine.encode_texts(texts), full, atol=1e-5)
+    client = app.test_client()
+    body = assert_success(upload(client, image_bytes("JPEG", (300, 100))))
+    confidences = [prediction["confidence"] for prediction in body["predictions"]]
+    assert confidences and all(0 <= value <= 1 for value in confidences)
+    assert body["metadata"]["model_info"]["framework"] == "OpenCLIP"

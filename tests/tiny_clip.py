@@ -28,14 +28,32 @@ TINY_PREPROCESS = {
 }
 
 
-def write_tiny_clip(folder: Path, seed: int = 0, model_cfg: dict | None = None) -> Path:
+# SigLIP's shape, small: a timm ViT image tower with attention-pool, a text tower without causal mask
+# pooled at the last token, a learned logit bias (sigmoid scoring), and squash resizing.
+TINY_SIGLIP_CONFIG = {
+    "embed_dim": 192,
+    "init_logit_bias": -10,
+    "custom_text": True,
+    "vision_cfg": {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224",
+                   "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                 "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                 "norm_kwargs": {"eps": 1e-6}},
+}
+SIGLIP_PREPROCESS = {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                     "resize_mode": "squash"}
+
+
+def write_tiny_clip(folder: Path, seed: int = 0, model_cfg: dict | None = None,
+                    preprocess_cfg: dict | None = None) -> Path:
     """Write open_clip_config.json + open_clip_model.safetensors into folder and return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_cfg = model_cfg or TINY_CONFIG
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg)
-    preprocess = dict(TINY_PREPROCESS, size=model_cfg["vision_cfg"]["image_size"])
+    arguments = {key: value for key, value in model_cfg.items() if key != "custom_text"}
+    model = (open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP)(**arguments)
+    preprocess = preprocess_cfg or dict(TINY_PREPROCESS, size=model_cfg["vision_cfg"]["image_size"])
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
