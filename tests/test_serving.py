@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +165,19 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     log = (tmp_path / "two.log").read_text()
     assert "Encoding 1 labels" in log, "a reload encodes only the new label"
     assert "Encoding 3 labels" not in log
+
+
+def test_python_rest_py_serves_too(server_env, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CLIP_", "API_"))}
+    env.update({"CLIP_ENV_FILE": "/nonexistent/.env", **server_env})
+    log = (tmp_path / "rest.log").open("wb")
+    process = subprocess.Popen([sys.executable, str(ROOT / "REST.py")], cwd="/",
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(int(server_env["PORT"]), process)
+        response = requests.post(f"http://127.0.0.1:{server_env['PORT']}/analyze?url=http://user:pw@x.test/",
+                                 files={"file": ("x.png", image_bytes())}, timeout=30)
+        assert response.status_code == 400 and "got url and upload" in response.json()["error"]["message"]
+    finally:
+        stop(process)
+    assert "user:pw" not in (tmp_path / "rest.log").read_text()
