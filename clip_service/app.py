@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from flask import Flask, Request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from clip_service.access import install_access_control
 from clip_service.logs import configure_logging, install_request_logging
@@ -40,6 +41,8 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     install_access_control(app, settings.api_key, settings.cors_origins)
     install_request_logging(app)
     app.register_blueprint(web_bp)
+    if settings.trusted_proxies:  # behind nginx: log and rate the real client, not the proxy
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
     app.register_blueprint(openapi_bp)
     service.start()
     return app

@@ -66,6 +66,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     health_canary_seconds: float = 30.0
     labels_watch: bool = False
+    trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
     prompts_file: Path = PROJECT_ROOT / "prompts" / "ensemble.txt"
 
     @property
@@ -231,6 +232,7 @@ _PARSERS = {
         "health_canary_seconds", lambda raw: _number("HEALTH_CANARY_SECONDS", raw, 0.0, 86400.0)),
     "CLIP_LABELS_WATCH": ("labels_watch", lambda raw: _boolean("CLIP_LABELS_WATCH", raw)),
     "CLIP_PROMPTS_FILE": ("prompts_file", _path),
+    "TRUSTED_PROXIES": ("trusted_proxies", lambda raw: _integer("TRUSTED_PROXIES", raw, 0, 10)),
 }
 ENV_VARIABLES = tuple(_PARSERS)
 KEEP_EMPTY = {"CORS_ORIGINS"}  # empty is a real value here: no cross-origin access

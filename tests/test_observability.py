@@ -76,3 +76,14 @@ def test_emoji_api_reachability_metric(make_app, settings, local_server):
     app = make_app(dataclasses.replace(settings, api_port=local_server.port))
     found = samples(app.test_client())
     assert value(found, "clip_emoji_api_up") == 1
+
+
+def test_client_address_behind_a_trusted_proxy(make_app, settings, caplog):
+    trusting = make_app(dataclasses.replace(settings, trusted_proxies=1)).test_client()
+    plain = make_app(settings).test_client()
+    headers = {"X-Forwarded-For": "203.0.113.7"}
+    with caplog.at_level(logging.INFO, logger="clip_service.requests"):
+        trusting.get("/health", headers=headers)
+        plain.get("/health", headers=headers)
+    clients = [record.fields["client"] for record in caplog.records if record.name == "clip_service.requests"]
+    assert clients == ["203.0.113.7", "127.0.0.1"]
