@@ -75,6 +75,8 @@ def add_tag_command(commands) -> None:
                         help="lowest confidence kept, 0 to 1 (default: CLIP_CONFIDENCE_THRESHOLD)")
     parser.add_argument("--limit", type=limit_arg, metavar="N",
                         help="most labels per image, 1 or more (default: CLIP_MAX_PREDICTIONS)")
+    parser.add_argument("--batch-size", type=limit_arg, metavar="N",
+                        help="images per forward pass (default: 8 on a CPU, 64 on a GPU)")
     parser.add_argument("--all-files", action="store_true",
                         help="try every file, not only " + " ".join(sorted(tagger.IMAGE_EXTENSIONS)))
     existing = parser.add_mutually_exclusive_group()
@@ -99,7 +101,7 @@ def tag_options(args: argparse.Namespace, settings: Settings) -> tagger.TagOptio
         threshold=settings.confidence_threshold if args.threshold is None else args.threshold,
         limit=settings.max_predictions if args.limit is None else args.limit,
         all_files=args.all_files, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.quiet and sys.stderr.isatty())
+        progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size or 0)
 
 
 def _say(message: str) -> None:

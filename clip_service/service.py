@@ -110,9 +110,24 @@ class Classifier:
         if not names:
             return []
         image_features = self.image_features(image, timeout).unsqueeze(0)  # (1, D)
+        return self._predictions(image_features, names, label_features, threshold, limit)[0]
+
+    def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
+                      ) -> list[list[Prediction]]:
+        """Several images in one forward pass against the vocabulary (the tagger's batches)."""
+        pixels = torch.stack([self.engine.prepare(image) for image in images])  # (N, 3, H, W)
+        vocabulary = self.vocabulary
+        return self._predictions(self.engine.encode_images(pixels), vocabulary.label_set.labels,
+                                 vocabulary.features, threshold, limit)
+
+    def _predictions(self, image_features: torch.Tensor, names: tuple[str, ...],
+                     label_features: torch.Tensor, threshold: float, limit: int,
+                     ) -> list[list[Prediction]]:
+        """(N, D) image features -> each image's predictions."""
         probabilities = label_probabilities(image_features, label_features, self.engine.logit_scale,
                                             self.engine.logit_bias)
-        return top_predictions(probabilities[0], names, threshold, limit, self.emoji.emoji_for)
+        return [top_predictions(row, names, threshold, limit, self.emoji.emoji_for)
+                for row in probabilities]
 
 
 def load_vocabulary(settings: Settings, engine: ClipEngine, previous: Vocabulary | None = None,

@@ -37,7 +37,7 @@ from clip_service.errors import ServiceError
 from clip_service.image_input import ImageLimits, decode_image, read_file
 from clip_service.model import load_engine
 from clip_service.scoring import Prediction
-from clip_service.service import Classifier, build_classifier, emoji_mapper
+from clip_service.service import Classifier, build_classifier, default_batch_size, emoji_mapper
 from clip_service.settings import Settings
 
 try:
@@ -74,6 +74,7 @@ class TagOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = False
+    batch_size: int = 0  # images per forward pass; 0: the server's default for the device
 
 
 @dataclass
@@ -384,35 +385,74 @@ def prefetch(function: Callable[[T], R], items: Iterable[T], workers: int = DECO
 
 def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, limits: ImageLimits,
               output: IO[str], summary: Summary) -> None:
-    """Classify each pending file and write its record at once; a bad file is logged and counted."""
+    """Classify the pending files a batch at a time and write each record as soon as its batch is done.
+
+    A bad file is logged and counted. An interruption loses at most the batch in progress, which a
+    resumed run tags again.
+    """
     draft_size = getattr(classifier.engine, "input_size", None)
+    batch_size = options.batch_size or default_batch_size(classifier.engine)
+    batch: list[tuple[Path, Image.Image]] = []
 
     def read(relative: Path) -> tuple[Image.Image | None, str | None]:
         return read_image(options.folder / relative, limits, draft_size)
+
+    def skip(relative: Path, problem: str) -> None:
+        log.warning("Skipped %s: %s", relative, problem)
+        summary.skipped += 1
+        bar.set_postfix(skipped=summary.skipped, refresh=False)
+        bar.update()
+
+    def flush() -> None:
+        for relative, outcome in classify_batch(classifier, batch, options):
+            if isinstance(outcome, str):
+                skip(relative, outcome)
+                continue
+            output.write(format_record(make_record(record_key(relative), outcome), options.fmt))
+            summary.tagged += 1
+            bar.update()
+        output.flush()
+        batch.clear()
 
     bar = tqdm(total=len(pending), unit="img", disable=not options.progress, dynamic_ncols=True)
     try:
         # Log lines go above the bar instead of through it (only while there is a bar: the redirect
         # adds a console handler even where logging had none).
         redirect = logging_redirect_tqdm() if options.progress else contextlib.nullcontext()
-        with redirect, contextlib.closing(prefetch(read, pending)) as results:
+        results = prefetch(read, pending, ahead=DECODE_AHEAD + batch_size)
+        with redirect, contextlib.closing(results):
             for relative, (image, problem) in results:
-                if image is not None:
-                    try:
-                        predictions = classifier.classify(image, options.threshold, options.limit)
-                    except Exception as error:  # e.g. an image shape the model cannot take
-                        problem = f"{type(error).__name__}: {error}"
-                if problem is None:
-                    output.write(format_record(make_record(record_key(relative), predictions), options.fmt))
-                    output.flush()
-                    summary.tagged += 1
-                else:
-                    log.warning("Skipped %s: %s", relative, problem)
-                    summary.skipped += 1
-                    bar.set_postfix(skipped=summary.skipped, refresh=False)
-                bar.update()
+                if image is None:
+                    skip(relative, problem)
+                    continue
+                batch.append((relative, image))
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
     finally:
         bar.close()
+
+
+def classify_batch(classifier: Classifier, batch: list[tuple[Path, Image.Image]], options: TagOptions,
+                   ) -> list[tuple[Path, list[Prediction] | str]]:
+    """(path, predictions or why not) for each image; one forward pass unless one image breaks it."""
+    if not batch:
+        return []
+    images = [image for _, image in batch]
+    try:
+        if len(images) > 1:
+            results = classifier.classify_many(images, options.threshold, options.limit)
+            return [(relative, predictions)
+                    for (relative, _), predictions in zip(batch, results, strict=True)]
+    except Exception:  # one odd image must not cost the others: fall back to one at a time
+        log.debug("A batch of %d failed; classifying its images one by one", len(images), exc_info=True)
+    outcomes: list[tuple[Path, list[Prediction] | str]] = []
+    for relative, image in batch:
+        try:
+            outcomes.append((relative, classifier.classify(image, options.threshold, options.limit)))
+        except Exception as error:  # e.g. an image shape the model cannot take
+            outcomes.append((relative, f"{type(error).__name__}: {error}"))
+    return outcomes
 
 
 def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[], Classifier]) -> Summary:

@@ -34,7 +34,8 @@ class CountingClassifier:
 
     def __init__(self, classifier, interrupt_at: int | None = None):
         self.classifier = classifier
-        self.calls = 0
+        self.calls = 0  # images classified, alone or in batches
+        self.batches: list[int] = []
         self.interrupt_at = interrupt_at
 
     def __getattr__(self, name):
@@ -45,6 +46,14 @@ class CountingClassifier:
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
         return self.classifier.classify(image, threshold, limit)
+
+    def classify_many(self, images, threshold, limit):
+        self.batches.append(len(images))
+        for _ in images:
+            self.calls += 1
+            if self.calls == self.interrupt_at:
+                raise KeyboardInterrupt
+        return self.classifier.classify_many(images, threshold, limit)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +239,7 @@ def test_finished_library_loads_no_model(settings, classifier, photos, tmp_path)
 def test_interrupted_run_keeps_finished_records_and_resumes(settings, real_classifier, photos, tmp_path):
     output = tmp_path / "tags.jsonl"
     stopping = CountingClassifier(real_classifier, interrupt_at=3)
-    summary = tag(settings, stopping, photos, output)
+    summary = tag(settings, stopping, photos, output, batch_size=1)
     assert summary.interrupted and counts(summary) == (2, 1, 0)
     assert [record["path"] for record in read_jsonl(output)] == GOOD[:2]
 
@@ -397,3 +406,22 @@ def test_real_cli_in_a_subprocess(tiny_model_dir, labels_dir, emoji_file, photos
     records = read_jsonl(tmp_path / "tags.jsonl")
     assert [record["path"] for record in records] == GOOD
     assert all(record["emoji"] == [EMOJI.get(label) for label in record["labels"]] for record in records)
+
+
+def test_batches_give_the_same_records_as_one_at_a_time(settings, real_classifier, photos, tmp_path):
+    one = tmp_path / "one.jsonl"
+    tag(settings, real_classifier, photos, one, batch_size=1)
+    batched = CountingClassifier(real_classifier)
+    tag(settings, batched, photos, tmp_path / "batched.jsonl", batch_size=3)
+    assert batched.batches == [3]  # cat.jpg, quadrants.png, anim.gif; red.PNG alone goes one by one
+    for a, b in zip(read_jsonl(one), read_jsonl(tmp_path / "batched.jsonl"), strict=True):
+        assert a["path"] == b["path"] and a["labels"][:3] == b["labels"][:3]
+        assert a["confidences"] == pytest.approx(b["confidences"], abs=0.003)
+
+
+def test_an_interrupted_batch_is_tagged_again_on_resume(settings, real_classifier, photos, tmp_path):
+    output = tmp_path / "tags.jsonl"
+    stopping = CountingClassifier(real_classifier, interrupt_at=2)
+    summary = tag(settings, stopping, photos, output, batch_size=4)
+    assert summary.interrupted and summary.tagged == 0
+    assert counts(tag(settings, real_classifier, photos, output, resume=True)) == (4, 1, 0)
