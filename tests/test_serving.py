@@ -120,6 +120,13 @@ def test_no_labels_stops_start_up(server_env, tmp_path):
     assert "No labels loaded" in (tmp_path / "nolabels.log").read_text()
 
 
+def healthy_workers(base: str) -> int:
+    """Workers whose model is loaded, from the per-process clip_healthy samples in /metrics."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return sum(1 for line in text.splitlines()
+               if line.startswith("clip_healthy{") and float(line.rsplit(" ", 1)[1]) == 1.0)
+
+
 def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_path, settings):
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -131,16 +138,13 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     try:
         wait_healthy(int(env["PORT"]), process)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # both workers, not just the first to finish loading
-            codes = {requests.get(f"{base}/health", timeout=5, headers={"Connection": "close"}).status_code
-                     for _ in range(8)}
-            if codes == {200}:
-                break
+        while time.monotonic() < deadline and healthy_workers(base) < 2:  # not just the first one
             time.sleep(0.2)
+        assert healthy_workers(base) == 2
         sent = 12
         for _ in range(sent):
             response = requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())}, timeout=30)
-            assert response.status_code == 200
+            assert response.status_code == 200, response.text
         text = requests.get(f"{base}/metrics", timeout=10).text
         counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("clip_requests_total{") and 'route="/analyze"' in line)
