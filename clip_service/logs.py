@@ -46,14 +46,21 @@ def set_input_kind(kind: str) -> None:
     g.input_kind = kind
 
 
+def request_seconds() -> float:
+    """Seconds since the request started: the answers' processing_time and the log's duration."""
+    return time.perf_counter() - g.get("request_started", time.perf_counter())
+
+
 def install_request_logging(app: Flask) -> None:
+    """Start each request's clock (install before the routes, so every hook runs inside it) and log it."""
+
     @app.before_request
     def _start():
         g.request_started = time.perf_counter()
 
     @app.after_request
     def _log(response):
-        duration = time.perf_counter() - g.get("request_started", time.perf_counter())
+        duration = request_seconds()
         route = request.url_rule.rule if request.url_rule else "unmatched"
         kind = g.get("input_kind", "none")
         metrics.REQUESTS.labels(route, kind, str(response.status_code)).inc()

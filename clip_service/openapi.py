@@ -198,8 +198,8 @@ def _option_properties(settings: Settings) -> dict:
 def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") -> dict:
     """200, and 400 and the other error answers named by their codes.
 
-    Every route answers 400 for a raw query string that is not UTF-8 (routes._start_clock); /analyze for
-    many more reasons (`bad_request="BadRequest"`).
+    Every route answers 400 for a raw query string that is not UTF-8 (routes._query_string_is_utf8);
+    /analyze for many more reasons (`bad_request="BadRequest"`).
     """
     names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
              "413": "PayloadTooLarge", "500": "InternalError", "502": "BadGateway", "503": "Unavailable",

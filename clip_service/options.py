@@ -20,7 +20,8 @@ class AnalyzeOptions:
     groups: tuple[str, ...] | None = None  # only the labels of these files
 
 
-def _one(get: Callable[[str], list[str]], name: str) -> str | None:
+def single_value(get: Callable[[str], list[str]], name: str) -> str | None:
+    """The one value given for name, None if absent; a parameter given twice is a 400."""
     values = get(name)
     if len(values) > 1:
         raise BadInput(f"Give {name} only once; it was given {len(values)} times")
@@ -42,14 +43,14 @@ def parse_options(get: Callable[[str], list[str]], default_threshold: float, max
                   known_groups: Collection[str]) -> AnalyzeOptions:
     """Options from request values (`get(name)` -> every value given for name)."""
     threshold, limit = default_threshold, max_predictions
-    raw = _one(get, "threshold")
+    raw = single_value(get, "threshold")
     if raw is not None:
         threshold = _in_range("threshold", raw, float, 0.0, 1.0)
-    raw = _one(get, "limit")
+    raw = single_value(get, "limit")
     if raw is not None:
         limit = _in_range("limit", raw, int, 1, max_predictions)
     labels = groups = None
-    raw = _one(get, "labels")
+    raw = single_value(get, "labels")
     if raw is not None:
         labels = tuple(dict.fromkeys(_items(raw)))
         if not labels:
@@ -59,7 +60,7 @@ def parse_options(get: Callable[[str], list[str]], default_threshold: float, max
         long = [label for label in labels if len(label) > MAX_LABEL_CHARACTERS]
         if long:
             raise BadInput(f"labels: {long[0][:80]!r} is longer than {MAX_LABEL_CHARACTERS} characters")
-    raw = _one(get, "groups")
+    raw = single_value(get, "groups")
     if raw is not None:
         groups = tuple(dict.fromkeys(_items(raw)))
         unknown = [group for group in groups if group not in known_groups]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from clip_service import metrics
 from clip_service.errors import BadInput, ServiceError
-from clip_service.logs import set_input_kind
-from clip_service.options import parse_options
+from clip_service.logs import request_seconds, set_input_kind
+from clip_service.options import parse_options, single_value
 from clip_service.scoring import Prediction
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ def _service():
 
 
 def _elapsed() -> float:
-    return round(time.perf_counter() - g.get("started", time.perf_counter()), 3)
+    return round(request_seconds(), 3)
 
 
 def prediction_json(prediction: Prediction) -> dict:
@@ -42,8 +41,7 @@ def error_response(status: int, message: str):
 
 
 @bp.before_app_request
-def _start_clock():
-    g.started = time.perf_counter()
+def _query_string_is_utf8():
     try:
         request.query_string.decode("utf-8")
     except UnicodeDecodeError:
@@ -55,13 +53,6 @@ def _start_clock():
 def health():
     body = _service().health()
     return jsonify(body), 200 if body["status"] == "healthy" else 503
-
-
-def _single(name: str) -> str | None:
-    values = request.args.getlist(name)
-    if len(values) > 1:
-        raise BadInput(f"Give {name} only once; it was given {len(values)} times")
-    return values[0] if values else None
 
 
 def _upload() -> bytes | None:
@@ -82,7 +73,8 @@ def _upload() -> bytes | None:
 def analyze():
     service = _service()
     with service.admitted() as deadline:
-        url, path, upload = _single("url"), _single("file"), _upload()
+        url, path = single_value(request.args.getlist, "url"), single_value(request.args.getlist, "file")
+        upload = _upload()
         given = [name for name, value in (("url", url), ("file", path), ("upload", upload))
                  if value is not None]
         if len(given) != 1:
