@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -46,7 +47,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.arriving = arriving  # requests in this worker that may submit soon
         self.on_batch = on_batch
-        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics and tests
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -112,7 +113,7 @@ class MicroBatcher:
                 pending.error = error
                 pending.done.set()
             return
-        self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        self.batch_sizes.append(len(batch))
         self.on_batch(len(batch))
         for pending, feature in zip(batch, features, strict=True):
             pending.result = feature

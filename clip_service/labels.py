@@ -7,6 +7,7 @@ features; a corrupt or truncated file is rebuilt, never used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -173,15 +174,20 @@ class Vocabulary:
     def features_by_text(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.label_set.texts, self.features, strict=True))
 
+    @functools.cached_property
+    def group_rows(self) -> dict[str, list[int]]:
+        """Each group's rows in `features`, computed once per vocabulary rather than per request."""
+        row = {label: index for index, label in enumerate(self.label_set.labels)}
+        return {group: [row[label] for label in labels] for group, labels in self.label_set.groups.items()}
 
-def build_vocabulary(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
+
+def build_vocabulary(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...],
                      cache_dir: Path, reuse: dict[str, torch.Tensor] | None = None) -> Vocabulary:
     """Text features of every label under the templates, from the disk cache when it matches.
 
     `reuse` maps texts to features already computed with the same model and templates, so a
     reload encodes only new or changed labels.
     """
-    templates = (templates,) if isinstance(templates, str) else tuple(templates)
     key = cache_key(encoder.identity, templates, label_set.texts)
     path = Path(cache_dir) / f"label-features-{key[:32]}.safetensors"
     features = _read_cache(path, key, len(label_set))
@@ -198,8 +204,3 @@ def build_vocabulary(encoder: TextEncoder, label_set: LabelSet, templates: tuple
         _write_cache(path, key, features)
     return Vocabulary(label_set, features, templates, key[:12])
 
-
-def label_features(encoder: TextEncoder, label_set: LabelSet, templates: tuple[str, ...] | str,
-                   cache_dir: Path) -> torch.Tensor:
-    """(L, D) unit text features of every label under the templates, cached on disk."""
-    return build_vocabulary(encoder, label_set, templates, cache_dir).features

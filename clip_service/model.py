@@ -197,6 +197,9 @@ class ClipEngine:
         self.identity = f"{model_identity(spec)}|text:{device.type}:{text_dtype}"
         preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         self.resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+        # open_clip's eval transform: bilinear when asked for, bicubic otherwise ("random" included)
+        bilinear = preprocess_cfg.get("interpolation") == "bilinear"
+        self._resample = Image.Resampling.BILINEAR if bilinear else Image.Resampling.BICUBIC
         size = preprocess_cfg.get("size", 224)
         self.input_size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
         split = split_preprocess(preprocess)
@@ -238,16 +241,14 @@ class ClipEngine:
         width, height = image.size
         short, long = min(width, height), max(width, height)
         side = self.input_size[0]
-        if (self.resize_mode != "shortest" or long <= 4 * short or self.input_size[0] != self.input_size[1]
-                or self._pil_steps is None):
+        if self.resize_mode != "shortest" or long <= 4 * short or self.input_size[0] != self.input_size[1]:
             return None
         new_long = int(side * long / short)  # torchvision's Resize(side) output, long axis
         top = int(round((new_long - side) / 2.0))  # torchvision's CenterCrop offset
         scale = long / new_long
         start, end = top * scale, (top + side) * scale
         box = (start, 0, end, height) if width > height else (0, start, width, end)
-        resample = Image.BILINEAR if "bilinear" in str(self._pil_steps).lower() else Image.BICUBIC
-        return image.resize((side, side), resample, box=box)
+        return image.resize((side, side), self._resample, box=box)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own full transform: (3, H, W) float, normalised. The reference path."""

@@ -97,10 +97,9 @@ class Classifier:
         if labels is not None:
             return labels, self.custom_features(labels)
         if groups is not None:
-            index = {label: i for i, label in enumerate(vocabulary.label_set.labels)}
-            chosen = tuple(dict.fromkeys(label for group in groups
-                                         for label in vocabulary.label_set.groups.get(group, ())))
-            return chosen, vocabulary.features[[index[label] for label in chosen]]
+            group_rows = vocabulary.group_rows
+            rows = list(dict.fromkeys(row for group in groups for row in group_rows.get(group, ())))
+            return tuple(vocabulary.label_set.labels[row] for row in rows), vocabulary.features[rows]
         return vocabulary.label_set.labels, vocabulary.features
 
     def classify(self, image: Image.Image, threshold: float, limit: int, timeout: float | None = None,

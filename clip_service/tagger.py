@@ -351,8 +351,6 @@ def read_image(path: Path, limits: ImageLimits,
     """
     try:
         data = read_file(str(path), path, limits.max_bytes)
-        if draft_size is None:
-            return decode_image(data, limits), None
         return decode_image(data, limits, draft_size), None
     except ServiceError as error:
         return None, error.message
@@ -390,7 +388,7 @@ def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, 
     A bad file is logged and counted. An interruption loses at most the batch in progress, which a
     resumed run tags again.
     """
-    draft_size = getattr(classifier.engine, "input_size", None)
+    draft_size = classifier.engine.input_size
     batch_size = options.batch_size or default_batch_size(classifier.engine)
     batch: list[tuple[Path, Image.Image]] = []
 

@@ -226,7 +226,7 @@ class UrlFetcher:
             check_url(url)
             try:
                 response = session.get(
-                    url, stream=True, allow_redirects=False, timeout=self._timeouts(deadline),
+                    url, stream=True, allow_redirects=False, timeout=self._timeouts(url, deadline),
                     headers={"Accept": self.accept, "Accept-Encoding": "identity",
                              "User-Agent": "clip-service"},
                 )
@@ -250,11 +250,11 @@ class UrlFetcher:
             return kind(f"URL {_redact(url)} took longer than the {seconds:.3g} s allowed ({name})")
         return UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}")
 
-    def _timeouts(self, deadline: float) -> tuple[float, float]:
+    def _timeouts(self, url: str, deadline: float) -> tuple[float, float]:
+        """(connect, read) socket timeouts: what is left of the deadline (a redirect hop used some)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            name, seconds, kind = _watch.limit
-            raise kind(f"Fetching the URL took longer than the {seconds:.3g} s allowed ({name})")
+            raise self._failure(url, TimeoutError(), deadline)
         return (remaining, remaining)
 
     def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clip_service.emoji import concept_key
-from clip_service.labels import LabelsError, LabelSet, cache_key, label_features, load_labels
+from clip_service.labels import LabelsError, LabelSet, build_vocabulary, cache_key, load_labels
 from clip_service.settings import PROJECT_ROOT
 
 
@@ -57,19 +57,19 @@ LABEL_SET = LabelSet(("cat", "dog", "tree"))
 
 def test_features_are_cached_and_reused(tmp_path):
     encoder = CountingEncoder()
-    first = label_features(encoder, LABEL_SET, "a photo of a {}.", tmp_path)
-    second = label_features(encoder, LABEL_SET, "a photo of a {}.", tmp_path)
+    first = build_vocabulary(encoder, LABEL_SET, ("a photo of a {}.",), tmp_path).features
+    second = build_vocabulary(encoder, LABEL_SET, ("a photo of a {}.",), tmp_path).features
     assert encoder.encoded == 3
     assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("change", ["model", "template", "labels"])
 def test_cache_key_covers_model_template_and_labels(tmp_path, change):
-    label_features(CountingEncoder(), LABEL_SET, "a photo of a {}.", tmp_path)
+    build_vocabulary(CountingEncoder(), LABEL_SET, ("a photo of a {}.",), tmp_path)
     encoder = CountingEncoder("other-model" if change == "model" else "fake-model")
     template = "art of a {}." if change == "template" else "a photo of a {}."
     label_set = LabelSet(("cat", "dog", "bush")) if change == "labels" else LABEL_SET
-    label_features(encoder, label_set, template, tmp_path)
+    build_vocabulary(encoder, label_set, (template,), tmp_path)
     assert encoder.encoded == 3
     assert len({cache_key(e, (t,), lbl.texts) for e, t, lbl in [
         ("fake-model", "a photo of a {}.", LABEL_SET), (encoder.identity, template, label_set)]}) == 2
@@ -78,16 +78,16 @@ def test_cache_key_covers_model_template_and_labels(tmp_path, change):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_damaged_cache_is_rebuilt_not_used(tmp_path, damage):
     encoder = CountingEncoder()
-    good = label_features(encoder, LABEL_SET, "a photo of a {}.", tmp_path)
+    good = build_vocabulary(encoder, LABEL_SET, ("a photo of a {}.",), tmp_path).features
     (path,) = tmp_path.glob("label-features-*.safetensors")
     data = path.read_bytes()
     damaged = {"truncate": data[: len(data) // 2], "empty": b"", "garbage": b"not a cache" * 10,
                "flip": data[:-4] + bytes(b ^ 0xFF for b in data[-4:])}[damage]
     path.write_bytes(damaged)
-    again = label_features(encoder, LABEL_SET, "a photo of a {}.", tmp_path)
+    again = build_vocabulary(encoder, LABEL_SET, ("a photo of a {}.",), tmp_path).features
     assert encoder.encoded == 6
     assert torch.equal(good, again)
-    label_features(encoder, LABEL_SET, "a photo of a {}.", tmp_path)
+    build_vocabulary(encoder, LABEL_SET, ("a photo of a {}.",), tmp_path)
     assert encoder.encoded == 6, "the rebuilt cache is valid and used"
 
 
@@ -95,7 +95,7 @@ def test_damaged_cache_is_rebuilt_not_used(tmp_path, damage):
 def test_unwritable_cache_only_costs_the_cache(tmp_path):
     tmp_path.chmod(0o500)
     try:
-        features = label_features(CountingEncoder(), LABEL_SET, "{}", tmp_path / "cache")
+        features = build_vocabulary(CountingEncoder(), LABEL_SET, ("{}",), tmp_path / "cache").features
     finally:
         tmp_path.chmod(0o700)
     assert features.shape == (3, 8)
@@ -105,7 +105,7 @@ def test_cache_folder_that_is_a_file_only_costs_the_cache(tmp_path):
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be")
     encoder = CountingEncoder()
-    features = label_features(encoder, LABEL_SET, "{}", blocker)
+    features = build_vocabulary(encoder, LABEL_SET, ("{}",), blocker).features
     assert features.shape == (3, 8)
-    label_features(encoder, LABEL_SET, "{}", blocker)
+    build_vocabulary(encoder, LABEL_SET, ("{}",), blocker)
     assert encoder.encoded == 6
