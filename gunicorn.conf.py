@@ -71,6 +71,12 @@ def post_worker_init(worker):
     signal.signal(signal.SIGHUP, reload_labels)
 
 
+def worker_exit(server, worker):
+    """Stop the model's threads first: one still inside torch at exit would abort the worker."""
+    if getattr(worker, "wsgi", None) is not None:
+        worker.wsgi.extensions["clip_service"].stop()
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -48,9 +48,10 @@ class MicroBatcher:
         self.arriving = arriving  # requests in this worker that may submit soon
         self.on_batch = on_batch
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests
-        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()  # None wakes the thread to stop
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._stopped = threading.Event()
 
     def submit(self, pixels: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         """One input -> its (D,) feature; raises DeadlineExceeded after `timeout` seconds."""
@@ -65,9 +66,24 @@ class MicroBatcher:
             raise pending.error
         return pending.result
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the batcher thread once its batch in hand is done, and wait for it.
+
+        A daemon thread still inside a torch call when the interpreter exits aborts the whole process
+        ("terminate called without an active exception"), so workers and tests stop it first.
+        """
+        with self._start_lock:
+            self._stopped.set()
+            thread = self._thread
+        self._queue.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _ensure_thread(self) -> None:
         # Started on first use, in the worker process: threads do not survive gunicorn's fork.
         with self._start_lock:
+            if self._stopped.is_set():
+                raise NotReady("The service is shutting down; retry on another instance")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="clip-batcher", daemon=True)
                 self._thread.start()
@@ -75,7 +91,7 @@ class MicroBatcher:
     def _collect(self) -> list[_Pending]:
         batch = [self._queue.get()]
         deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
+        while len(batch) < self.max_batch and batch[-1] is not None:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
@@ -88,10 +104,10 @@ class MicroBatcher:
                 batch.append(self._queue.get(timeout=min(remaining, 0.0005)))
             except queue.Empty:
                 continue
-        return [pending for pending in batch if not pending.abandoned]
+        return [pending for pending in batch if pending is not None and not pending.abandoned]
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             batch = self._collect()
             if batch:
                 self._encode(batch)

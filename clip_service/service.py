@@ -287,8 +287,11 @@ class ClipService:
         return tuple(signature)
 
     def stop(self) -> None:
+        """Stop the background threads (canary, watcher, emoji client, batcher) before exiting."""
         self._stopped.set()
         self.emoji.stop()
+        if self.classifier is not None and self.classifier.batcher is not None:
+            self.classifier.batcher.stop()
 
     def _canary_loop(self) -> None:
         """Readiness that means something: a tiny inference every HEALTH_CANARY_SECONDS.
