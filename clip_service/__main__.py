@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from clip_service import tagger
+from clip_service.engines.base import ModelLoadError
 from clip_service.labels import LabelsError
-from clip_service.model import ModelLoadError
 from clip_service.ranges import parse_in_range
 from clip_service.settings import Settings, SettingsError, load_settings
 

@@ -8,8 +8,8 @@ from flask import Flask, Request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from clip_service.access import install_access_control
+from clip_service.engines.base import Engine
 from clip_service.logs import configure_logging, install_request_logging
-from clip_service.model import ClipEngine
 from clip_service.openapi import openapi_bp
 from clip_service.routes import bp
 from clip_service.service import ClipService
@@ -27,7 +27,7 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
+def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     """A ready-to-serve app; the model (unless `engine` is given) loads in the background."""
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__, static_folder=None)  # the page is served by web.py, with its headers

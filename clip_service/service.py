@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from clip_service import metrics
-from clip_service.batching import MicroBatcher
 from clip_service.emoji import EmojiMapper, load_dictionary
+from clip_service.engines.base import Engine as ClipEngine
+from clip_service.engines.registry import default_batch_size, load_engine
 from clip_service.errors import NotReady, Overloaded, ServiceError
 from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file
 from clip_service.labels import (
@@ -31,8 +32,8 @@ from clip_service.labels import (
     load_labels,
     load_templates,
 )
-from clip_service.model import ClipEngine, load_engine
 from clip_service.options import AnalyzeOptions
+from clip_service.runtime.batching import MicroBatcher
 from clip_service.scoring import Prediction, label_probabilities, top_predictions
 from clip_service.settings import Settings
 from clip_service.url_fetch import UrlFetcher
@@ -66,12 +67,12 @@ class Classifier:
     def features(self) -> torch.Tensor:
         return self.vocabulary.features
 
-    def image_features(self, image: Image.Image, timeout: float | None = None) -> torch.Tensor:
+    def image_features(self, image: Image.Image, deadline: float | None = None) -> torch.Tensor:
         """(D,) unit feature of one image, through the micro-batcher when there is one."""
         pixels = self.engine.prepare(image)  # (3, H, W)
         if self.batcher is None:
             return self.engine.encode_images(pixels.unsqueeze(0))[0]
-        return self.batcher.submit(pixels, timeout)
+        return self.batcher.submit(pixels, deadline)
 
     def custom_features(self, labels: tuple[str, ...]) -> torch.Tensor:
         """(L, D) features of a request's own labels, with the vocabulary's templates, LRU-cached."""
@@ -102,13 +103,13 @@ class Classifier:
             return tuple(vocabulary.label_set.labels[row] for row in rows), vocabulary.features[rows]
         return vocabulary.label_set.labels, vocabulary.features
 
-    def classify(self, image: Image.Image, threshold: float, limit: int, timeout: float | None = None,
+    def classify(self, image: Image.Image, threshold: float, limit: int, deadline: float | None = None,
                  labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
                  ) -> list[Prediction]:
         names, label_features = self.candidates(labels, groups)
         if not names:
             return []
-        image_features = self.image_features(image, timeout).unsqueeze(0)  # (1, D)
+        image_features = self.image_features(image, deadline).unsqueeze(0)  # (1, D)
         return self._predictions(image_features, names, label_features, threshold, limit)[0]
 
     def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
@@ -140,10 +141,6 @@ def load_vocabulary(settings: Settings, engine: ClipEngine, previous: Vocabulary
 
 def build_classifier(settings: Settings, engine: ClipEngine, emoji: EmojiMapper) -> Classifier:
     return Classifier(engine, load_vocabulary(settings, engine), emoji)
-
-
-def default_batch_size(engine: ClipEngine) -> int:
-    return 64 if engine.device.type == "cuda" else 8
 
 
 def emoji_mapper(settings: Settings) -> EmojiMapper:
@@ -222,7 +219,7 @@ class ClipService:
             if self.settings.labels_watch:
                 self.watch_labels()
             self.status = LOADED
-            log.info("Ready: %s on %s with %d labels", engine.name, engine.device,
+            log.info("Ready: %s on %s with %d labels", engine.name, engine.device_name,
                      len(self.classifier.label_set))
         except Exception as error:  # any load failure must show in /health, not kill the thread silently
             self.error = f"{type(error).__name__}: {error}"
@@ -234,7 +231,7 @@ class ClipService:
 
     def _publish_model_metrics(self) -> None:
         engine, vocabulary = self.classifier.engine, self.classifier.vocabulary
-        current = (engine.name, engine.framework, str(engine.device), vocabulary.version)
+        current = (engine.name, engine.weights_source, engine.device_name, vocabulary.version)
         if self._model_info_labels and self._model_info_labels != current:
             metrics.MODEL_INFO.labels(*self._model_info_labels).set(0)  # a reload replaced it
         metrics.MODEL_INFO.labels(*current).set(1)
@@ -305,7 +302,8 @@ class ClipService:
 
     def check_inference(self, image: Image.Image) -> bool:
         try:
-            features = self.classifier.image_features(image, timeout=self.settings.request_timeout)
+            features = self.classifier.image_features(
+                image, deadline=time.monotonic() + self.settings.request_timeout)
             if not bool(torch.isfinite(features).all()):
                 raise RuntimeError("the model returned non-finite features")
         except Exception as error:  # whatever broke inference is what health must report
@@ -326,7 +324,7 @@ class ClipService:
     def health(self) -> dict:
         if self.status == LOADED:
             engine = self.classifier.engine
-            body = {"status": "healthy", "model_status": LOADED, "device": str(engine.device),
+            body = {"status": "healthy", "model_status": LOADED, "device": engine.device_name,
                     "num_labels": len(self.classifier.label_set), "model": engine.name}
             if self.inference_error:
                 body.update(status="unhealthy", error=f"Inference is failing: {self.inference_error}")
@@ -346,7 +344,7 @@ class ClipService:
     def model_info(self) -> dict:
         classifier = self.ready_classifier()
         engine = classifier.engine
-        return {"framework": engine.framework, "model": engine.name, "device": str(engine.device),
+        return {"framework": engine.weights_source, "model": engine.name, "device": engine.device_name,
                 "labels_version": classifier.vocabulary.version}
 
     def labels_listing(self) -> dict:
@@ -392,11 +390,10 @@ class ClipService:
     def analyze(self, image: Image.Image, deadline: float | None = None,
                 options: AnalyzeOptions | None = None) -> list[Prediction]:
         options = options or self.default_options()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             with metrics.timed("model"):
                 predictions = self.ready_classifier().classify(
-                    image, options.threshold, options.limit, timeout, options.labels, options.groups)
+                    image, options.threshold, options.limit, deadline, options.labels, options.groups)
         except ServiceError:
             raise
         except Exception as error:  # a broken device: health must say so until inference works

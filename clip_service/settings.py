@@ -1,7 +1,8 @@
 """All configuration, read from `.env` and the environment and validated in one place.
 
 The process environment wins over `.env`. Any invalid value stops start-up with one line that names
-the variable, the value and what is allowed.
+the variable, the value and what is allowed. Importing this module imports no torch: tools that only
+read settings stay light.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from clip_service.model import ModelSpec, parse_model_spec
+from clip_service.engines.spec import ModelSpec, ModelSpecError, parse_model_spec
 from clip_service.ranges import parse_in_range
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +185,8 @@ def _origins(raw: str) -> tuple[str, ...]:
 def _model(raw: str) -> str:
     try:
         parse_model_spec(raw)
-    except ValueError as error:
-        raise SettingsError(f"CLIP_MODEL={raw} {error}") from None
+    except ModelSpecError as error:
+        raise SettingsError(str(error)) from None
     return raw.strip()
 
 

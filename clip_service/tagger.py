@@ -33,11 +33,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clip_service.emoji import EmojiMapper
+from clip_service.engines.registry import default_batch_size, load_engine
 from clip_service.errors import ServiceError
 from clip_service.image_input import ImageLimits, decode_image, read_file
-from clip_service.model import load_engine
 from clip_service.scoring import Prediction
-from clip_service.service import Classifier, build_classifier, default_batch_size, emoji_mapper
+from clip_service.service import Classifier, build_classifier, emoji_mapper
 from clip_service.settings import Settings
 
 try:

@@ -7,7 +7,8 @@ import threading
 import pytest
 from PIL import Image
 
-from clip_service.model import load_engine, parse_model_spec
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 
 SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
 ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}

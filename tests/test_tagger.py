@@ -17,7 +17,8 @@ from image_samples import cat_photo, encode, quadrants
 
 from clip_service import __main__ as cli
 from clip_service import tagger
-from clip_service.model import load_engine, parse_model_spec
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 from clip_service.service import build_classifier
 from clip_service.settings import ENV_VARIABLES
 from clip_service.tagger import TaggerError, TagOptions

@@ -1,8 +1,10 @@
 """Dynamic micro-batching: concurrent requests in one worker share one forward pass.
 
 A request's image waits at most BATCH_WAIT_MS for others, and only while other requests are on their
-way (being fetched or decoded); a lone request runs at once. A batch that runs out of GPU memory is
-split and retried, so one big batch never fails the requests in it.
+way (`arriving`: being fetched or decoded); a lone request runs at once. Each input carries its
+request's deadline, and one whose deadline has passed is dropped instead of encoded. A batch that runs
+out of device memory (the engine's EngineOutOfMemory) is split and retried, so one big batch never fails
+the requests in it.
 """
 
 from __future__ import annotations
@@ -16,24 +18,25 @@ from collections.abc import Callable
 
 import torch
 
-from clip_service.errors import DeadlineExceeded, NotReady
+from clip_service.engines.base import EngineOutOfMemory
+from clip_service.errors import DeadlineExceeded, OutOfMemory, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 class _Pending:
-    __slots__ = ("pixels", "done", "result", "error", "abandoned")
+    __slots__ = ("pixels", "deadline", "done", "result", "error", "abandoned")
 
-    def __init__(self, pixels: torch.Tensor):
+    def __init__(self, pixels: torch.Tensor, deadline: float | None):
         self.pixels = pixels
+        self.deadline = deadline
         self.done = threading.Event()
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
         self.abandoned = False
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or (self.deadline is not None and now >= self.deadline)
 
 
 class MicroBatcher:
@@ -42,10 +45,10 @@ class MicroBatcher:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
                  max_wait_s: float, arriving: Callable[[], int] = lambda: 0,
                  on_batch: Callable[[int], None] = lambda size: None):
-        self.encode = encode
+        self.encode = encode  # (N, 3, H, W) -> (N, D); raises EngineOutOfMemory when memory runs out
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.arriving = arriving  # requests in this worker that may submit soon
+        self.arriving = arriving  # how many requests in this worker may submit soon
         self.on_batch = on_batch
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests
         self._queue: queue.Queue[_Pending | None] = queue.Queue()  # None wakes the thread to stop
@@ -53,10 +56,11 @@ class MicroBatcher:
         self._start_lock = threading.Lock()
         self._stopped = threading.Event()
 
-    def submit(self, pixels: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
-        """One input -> its (D,) feature; raises DeadlineExceeded after `timeout` seconds."""
+    def submit(self, pixels: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
+        """One input -> its (D,) feature; raises DeadlineExceeded at `deadline` (time.monotonic())."""
         self._ensure_thread()
-        pending = _Pending(pixels)
+        pending = _Pending(pixels, deadline)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._queue.put(pending)
         if not pending.done.wait(timeout):
             pending.abandoned = True
@@ -83,7 +87,7 @@ class MicroBatcher:
         # Started on first use, in the worker process: threads do not survive gunicorn's fork.
         with self._start_lock:
             if self._stopped.is_set():
-                raise NotReady("The service is shutting down; retry on another instance")
+                raise ShuttingDown("The service is shutting down; retry on another instance")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="clip-batcher", daemon=True)
                 self._thread.start()
@@ -104,7 +108,8 @@ class MicroBatcher:
                 batch.append(self._queue.get(timeout=min(remaining, 0.0005)))
             except queue.Empty:
                 continue
-        return [pending for pending in batch if pending is not None and not pending.abandoned]
+        now = time.monotonic()
+        return [pending for pending in batch if pending is not None and not pending.expired(now)]
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -116,15 +121,14 @@ class MicroBatcher:
         try:
             features = self.encode(torch.stack([pending.pixels for pending in batch]))
         except Exception as error:  # handed to the waiting requests; the batcher thread lives on
-            if is_out_of_memory(error):
-                self._release_memory()
+            if isinstance(error, EngineOutOfMemory):
                 if len(batch) > 1:
                     log.warning("Out of memory on a batch of %d; splitting it", len(batch))
                     middle = len(batch) // 2
                     self._encode(batch[:middle])
                     self._encode(batch[middle:])
                     return
-                error = NotReady("The model ran out of memory on this image; retry shortly")
+                error = OutOfMemory("The model ran out of memory on this image; retry shortly")
             for pending in batch:
                 pending.error = error
                 pending.done.set()
@@ -134,9 +138,3 @@ class MicroBatcher:
         for pending, feature in zip(batch, features, strict=True):
             pending.result = feature
             pending.done.set()
-
-    @staticmethod
-    def _release_memory() -> None:
-        """Only after an out-of-memory error: hand cached blocks back before the retry."""
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
