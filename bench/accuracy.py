@@ -39,16 +39,11 @@ if str(ROOT) not in sys.path:  # bench/ runs as a script; the package lives one 
 from clip_service.engines.base import Engine, ModelLoadError  # noqa: E402
 from clip_service.engines.registry import load_engine  # noqa: E402
 from clip_service.engines.spec import parse_model_spec  # noqa: E402
-from clip_service.image_input import ImageLimits, decode_image  # noqa: E402
-from clip_service.labels import (  # noqa: E402
-    LabelsError,
-    LabelSet,
-    build_vocabulary,
-    load_labels,
-    load_templates,
-)
-from clip_service.scoring import label_probabilities  # noqa: E402
+from clip_service.inputs.images import ImageLimits, decode_image  # noqa: E402
 from clip_service.settings import Settings  # noqa: E402
+from clip_service.tasks.classify import label_probabilities  # noqa: E402
+from clip_service.vocabulary.features import build_vocabulary  # noqa: E402
+from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels, load_templates  # noqa: E402
 
 log = logging.getLogger("accuracy")
 

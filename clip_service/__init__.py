@@ -11,7 +11,7 @@ __all__ = ["Settings", "create_app", "load_settings"]
 
 def __getattr__(name: str):
     if name == "create_app":
-        from clip_service.app import create_app
+        from clip_service.http.app import create_app
 
         return create_app
     raise AttributeError(f"module 'clip_service' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Failures a client can cause or must be told about, each with its HTTP status.
 
-The Flask-free code raises these; the routes turn them into the error JSON shape.
+The Flask-free code raises these; http/errors.py turns them into the error JSON shape.
 """
 
 

@@ -4,7 +4,7 @@ import time
 import pytest
 from conftest import LocalServer, free_port
 
-from clip_service.emoji import EmojiMapper, concept_key, parse_mappings
+from clip_service.vocabulary.emoji import EmojiMapper, concept_key, parse_mappings
 
 
 def wait_for(condition, timeout=10.0):

@@ -16,7 +16,7 @@ from image_samples import BLUE, GREEN, RED, YELLOW, encode, png_declaring, quadr
 from PIL import Image, ImageFile
 
 from clip_service.errors import BadInput, Forbidden, NotFound, TooLarge
-from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file, to_rgb
+from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file, to_rgb
 
 LIMITS = ImageLimits(max_bytes=20_000_000, max_pixels=50_000_000)
 WHITE = (255, 255, 255)

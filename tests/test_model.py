@@ -119,7 +119,7 @@ def test_precision_choice():
 
 
 def test_bf16_image_tower_gives_the_same_answers(tiny_model_dir):
-    from clip_service.scoring import label_probabilities
+    from clip_service.tasks.classify import label_probabilities
 
     spec = parse_model_spec(f"local-dir:{tiny_model_dir}")
     full, half = load_engine(spec, "cpu", "fp32"), load_engine(spec, "cpu", "bf16")

@@ -35,8 +35,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
-from clip_service.access import OPEN_PATHS
-from clip_service.openapi import openapi_description
+from clip_service.http.access import OPEN_PATHS
+from clip_service.http.openapi import openapi_description
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]

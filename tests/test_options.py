@@ -7,7 +7,7 @@ import pytest
 from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.errors import BadInput
-from clip_service.options import MAX_REQUEST_LABELS, parse_options
+from clip_service.http.options import MAX_REQUEST_LABELS, parse_options
 
 GROUPS = ("animals", "foods", "people")
 

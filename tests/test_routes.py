@@ -210,7 +210,7 @@ def test_unexpected_error_is_500_without_details(client, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr("clip_service.routes.parse_options", broken)
+    monkeypatch.setattr("clip_service.http.analyze.parse_options", broken)
     message = assert_error(upload(client, image_bytes()), 500)
     assert "secret" not in message and "Internal error" in message
 

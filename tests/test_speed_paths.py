@@ -12,9 +12,9 @@ from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
-from clip_service.image_input import ImageLimits, decode_image
+from clip_service.inputs.images import ImageLimits, decode_image
 from clip_service.runtime.batching import MicroBatcher
-from clip_service.scoring import label_probabilities
+from clip_service.tasks.classify import label_probabilities
 
 LIMITS = ImageLimits(64 * 1024 * 1024, 100_000_000)
 

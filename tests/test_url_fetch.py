@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from image_samples import cat_png
 
-from clip_service import url_fetch
 from clip_service.errors import BadInput, Forbidden, TooLarge, UpstreamFailed
-from clip_service.url_fetch import MAX_REDIRECTS, AddressGuard, UrlFetcher, refusal_reason
+from clip_service.inputs import url_fetch
+from clip_service.inputs.url_fetch import MAX_REDIRECTS, AddressGuard, UrlFetcher, refusal_reason
 
 CAT_PNG = cat_png()
 LIMIT = 400_000

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from clip_service.web import SECURITY_HEADERS
+from clip_service.http.page import SECURITY_HEADERS
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -1,23 +1,18 @@
-"""Per-request options of /analyze: threshold, limit, labels and groups, validated."""
+"""Per-request options of /analyze: threshold, limit, labels and groups, read and validated.
+
+Flask-free: the values come through `get(name)`, which returns every value given for a name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 from clip_service.errors import BadInput
 from clip_service.ranges import parse_in_range
+from clip_service.tasks.classify import ClassifyOptions
 
 MAX_REQUEST_LABELS = 100
 MAX_LABEL_CHARACTERS = 64
-
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    threshold: float
-    limit: int
-    labels: tuple[str, ...] | None = None  # the request's own label set, instead of the vocabulary
-    groups: tuple[str, ...] | None = None  # only the labels of these files
 
 
 def single_value(get: Callable[[str], list[str]], name: str) -> str | None:
@@ -40,7 +35,7 @@ def _items(raw: str) -> list[str]:
 
 
 def parse_options(get: Callable[[str], list[str]], default_threshold: float, max_predictions: int,
-                  known_groups: Collection[str]) -> AnalyzeOptions:
+                  known_groups: Collection[str]) -> ClassifyOptions:
     """Options from request values (`get(name)` -> every value given for name)."""
     threshold, limit = default_threshold, max_predictions
     raw = single_value(get, "threshold")
@@ -69,4 +64,4 @@ def parse_options(get: Callable[[str], list[str]], default_threshold: float, max
                            f"known: {', '.join(sorted(known_groups))}")
     if labels is not None and groups is not None:
         raise BadInput("Give labels or groups, not both")
-    return AnalyzeOptions(threshold, limit, labels, groups)
+    return ClassifyOptions(threshold, limit, labels, groups)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from clip_service.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
+from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
+from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from clip_service.settings import Settings
-from clip_service.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1.0.0"
@@ -198,7 +198,7 @@ def _option_properties(settings: Settings) -> dict:
 def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") -> dict:
     """200, and 400 and the other error answers named by their codes.
 
-    Every route answers 400 for a raw query string that is not UTF-8 (routes._query_string_is_utf8);
+    Every route answers 400 for a raw query string that is not UTF-8 (errors._query_string_is_utf8);
     /analyze for many more reasons (`bad_request="BadRequest"`).
     """
     names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",

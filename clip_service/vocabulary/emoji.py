@@ -11,9 +11,12 @@ import logging
 import threading
 from pathlib import Path
 
+import requests
+
 from clip_service import metrics
 from clip_service.errors import ServiceError
-from clip_service.url_fetch import UrlFetcher
+from clip_service.inputs.url_fetch import UrlFetcher
+from clip_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ def load_dictionary(path: Path) -> dict[str, str]:
 
 
 class EmojiMapper:
+    """Label -> emoji: the API's mappings when it has answered, else the local dictionary's."""
+
     def __init__(self, local: dict[str, str], api_url: str | None, timeout: float,
                  retry_seconds: float = 30.0):
         self.local = local
@@ -80,6 +85,17 @@ class EmojiMapper:
     def stop(self) -> None:
         self._stop.set()
 
+    def fetch_once(self) -> bool:
+        """Ask the API once, in this thread, with no retries (the tagger's way); True if it answered."""
+        try:
+            self.api = self.fetch()
+        except (requests.RequestException, ValueError) as error:
+            log.warning("Emoji API %s did not answer (%s); using the local dictionary only",
+                        self.api_url, error)
+            return False
+        self.api_reachable = True
+        return True
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -106,3 +122,10 @@ class EmojiMapper:
             return parse_mappings(json.loads(body))
         except RecursionError:
             raise ValueError("the answer is nested too deeply to be emoji mappings") from None
+
+
+def emoji_mapper(settings: Settings) -> EmojiMapper:
+    """The mapper the settings describe: EMOJI_DICTIONARY locally, the API at API_HOST:API_PORT."""
+    api_url = f"http://{settings.api_host}:{settings.api_port}/emoji_mappings.json"
+    return EmojiMapper(load_dictionary(settings.emoji_dictionary), api_url, settings.api_timeout,
+                       settings.emoji_retry_seconds)

@@ -1,6 +1,6 @@
 """The web page for people at GET /: one self-contained HTML file that calls /analyze from the browser.
 
-The page is a static file in clip_service/static/ with its CSS and JavaScript inline, so it works offline
+The page is a static file in clip_service/http/static/ with its CSS and JavaScript inline, so it works offline
 and behind any proxy, with nothing fetched from other hosts. The headers say so to the browser: the
 Content-Security-Policy lets the page talk only to this service (connect-src 'self'), show only its own,
 data: and blob: images (the preview of a chosen file is a blob: URL; a pasted URL is fetched by the
@@ -24,10 +24,10 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
-web_bp = Blueprint("web", __name__)
+page_bp = Blueprint("page", __name__)
 
 
-@web_bp.get("/")
+@page_bp.get("/")
 def index():
     response = send_file(PAGE, mimetype="text/html")
     response.headers.update(SECURITY_HEADERS)
