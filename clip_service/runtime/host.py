@@ -85,8 +85,8 @@ class ModelHost:
             self._build()
             self.status = LOADED
             engine = self.classifier.engine
-            log.info("Ready: %s on %s with %d labels", engine.name, engine.device_name,
-                     len(self.classifier.label_set))
+            log.info("Ready: %s (%s weights) on %s with %s, %d labels", engine.name, engine.weights_source,
+                     engine.device_name, engine.backend, len(self.classifier.label_set))
         except Exception as error:  # any load failure must show in /health, not kill the thread silently
             self.error = f"{type(error).__name__}: {error}"
             self.status = FAILED
