@@ -23,6 +23,9 @@ def fetch_weights(spec: ModelSpec) -> None:
     Run in the gunicorn master before workers fork, so a missing download stops start-up once,
     with a clear message, and workers find the weights cached.
     """
+    # Imported for every model, local-dir: included: under gunicorn this runs in the master, and the
+    # workers forked from it inherit torch and open_clip already imported instead of each spending
+    # seconds on it (importing touches no CUDA).
     import open_clip
 
     try:
