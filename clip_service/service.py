@@ -7,9 +7,6 @@ admission (runtime.admission), getting images (inputs.sources), the model and wh
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from PIL import Image
 
 from clip_service import metrics
@@ -59,12 +56,6 @@ class ClipService:
     @property
     def in_flight(self) -> int:
         return self.admission.in_flight
-
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[float]:
-        """A place for one request (or Overloaded at once); yields its time.monotonic() deadline."""
-        with self.admission.admitted() as deadline:
-            yield deadline
 
     def ready_classifier(self) -> Classifier:
         return self.host.ready()

@@ -35,7 +35,7 @@ def _upload() -> bytes | None:
 @analyze_bp.route("/analyze", methods=["GET", "POST"])
 def analyze():
     service = _service()
-    with service.admitted() as deadline:
+    with service.admission.admitted() as deadline:
         url, path = single_value(request.args.getlist, "url"), single_value(request.args.getlist, "file")
         upload = _upload()
         given = [name for name, value in (("url", url), ("file", path), ("upload", upload))
