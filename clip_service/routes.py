@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from clip_service import metrics
 from clip_service.errors import BadInput, ServiceError
+from clip_service.front_door import ARRIVED_KEY
 from clip_service.logs import request_seconds, set_input_kind
 from clip_service.options import parse_options, single_value
 from clip_service.scoring import Prediction
@@ -72,7 +73,7 @@ def _upload() -> bytes | None:
 @bp.route("/analyze", methods=["GET", "POST"])
 def analyze():
     service = _service()
-    with service.admitted() as deadline:
+    with service.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         url, path = single_value(request.args.getlist, "url"), single_value(request.args.getlist, "file")
         upload = _upload()
         given = [name for name, value in (("url", url), ("file", path), ("upload", upload))

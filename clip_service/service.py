@@ -20,7 +20,7 @@ from PIL import Image
 from clip_service import metrics
 from clip_service.batching import MicroBatcher
 from clip_service.emoji import EmojiMapper, load_dictionary
-from clip_service.errors import NotReady, Overloaded, ServiceError
+from clip_service.errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
 from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file
 from clip_service.labels import (
     LabelsError,
@@ -181,11 +181,17 @@ class ClipService:
         return self._in_flight
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[float]:
+    def admitted(self, arrived: float | None = None) -> Iterator[float]:
         """Admission control: hold a place for one request, or refuse at once when full.
 
-        Yields the request's deadline (time.monotonic() based).
+        Yields the request's deadline (time.monotonic() based): REQUEST_TIMEOUT after `arrived`,
+        when the server says when the request arrived, else from now.
         """
+        now = time.monotonic()
+        deadline = (now if arrived is None else arrived) + self.settings.request_timeout
+        if now >= deadline:
+            raise DeadlineExceeded(f"The request waited {now - arrived:.1f} s for a free thread, past "
+                                   f"REQUEST_TIMEOUT={self.settings.request_timeout:g} s; retry later")
         with self._in_flight_lock:
             if self._in_flight >= self.settings.max_queue:
                 raise Overloaded(f"The service is busy ({self._in_flight} requests in progress, "
@@ -193,7 +199,7 @@ class ClipService:
             self._in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            yield time.monotonic() + self.settings.request_timeout
+            yield deadline
         finally:
             metrics.IN_FLIGHT.dec()
             with self._in_flight_lock:

@@ -74,6 +74,11 @@ class Settings:
         return parse_model_spec(self.clip_model)
 
     @property
+    def serving_threads(self) -> int:
+        """Threads per worker that run requests: THREADS, or 8 (never more than MAX_QUEUE)."""
+        return self.threads or min(8, self.max_queue)
+
+    @property
     def bind_host(self) -> str:
         return "127.0.0.1" if self.private else "0.0.0.0"
 
@@ -246,7 +251,17 @@ def settings_from_mapping(values: Mapping[str, str | None]) -> Settings:
         if raw is None or (raw.strip() == "" and variable not in KEEP_EMPTY):
             continue
         fields[field] = parse(raw)
-    return Settings(**fields)
+    return _check_combinations(Settings(**fields))
+
+
+def _check_combinations(settings: Settings) -> Settings:
+    """Settings that are each valid but cannot work together."""
+    if settings.threads > settings.max_queue:
+        raise SettingsError(
+            f"THREADS={settings.threads} exceeds MAX_QUEUE={settings.max_queue}: at most MAX_QUEUE "
+            "requests are in progress in a worker, so the extra threads would never run; lower THREADS "
+            "or raise MAX_QUEUE")
+    return settings
 
 
 def load_settings(env_file: str | os.PathLike | None = None,
