@@ -39,7 +39,7 @@ def create_app(settings: Settings, engine: ClipEngine | None = None) -> Flask:
     app.extensions["clip_service"] = service
     install_request_logging(app)  # first: its clock must start before any other hook runs
     app.register_blueprint(bp)
-    install_access_control(app, settings.api_key, settings.cors_origins)
+    install_access_control(app, settings.api_key, settings.cors_origins, settings.answered_hosts)
     app.register_blueprint(web_bp)
     if settings.trusted_proxies:  # behind nginx: log and rate the real client, not the proxy
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
