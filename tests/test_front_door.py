@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import collections
 import copy
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 import requests
+from conftest import free_port
 from test_routes import image_bytes
+from test_scale_out import nginx_command, nginx_config, wait_listening
 from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
 from tiny_clip import TINY_CONFIG, write_tiny_clip
 
@@ -44,7 +48,7 @@ def door_server(server_env, slow_model_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    (b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n", ("GET", "/health", 0, False, None)),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", ("GET", "/health", 0, False, None)),
     (b"POST /analyze?x=1 HTTP/1.1\r\nContent-Length: 12\r\n\r\nbody", ("POST", "/analyze", 12, False, None)),
     (b"POST http://h/analyze HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
      ("POST", "/analyze", 0, True, None)),
@@ -128,76 +132,73 @@ def test_overload_gets_503_at_once_deadlines_hold_and_health_stays_fast(door_ser
     assert health_slowest < 1.0 and {status for _, status in health} == {200}
 
 
-def test_slow_clients_leave_health_and_uploads_alone(door_server):
-    """32 connections drip headers and 32 drip an upload body at 1 byte/s; normal traffic goes on."""
-    base, port = door_server
-    data = image_bytes("JPEG", (640, 480), (30, 200, 30))
-    stop_dripping = threading.Event()
-    answers = []
-
-    def drip(message: bytes):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            for index in range(len(message)):
-                if stop_dripping.is_set():
-                    break
-                try:
-                    sock.send(message[index:index + 1])
-                except OSError:  # the door closed it at the deadline
-                    break
-                time.sleep(1)
-            try:
-                answers.append(read_answer(sock, 2))
-            except OSError:
-                answers.append(b"")
-
-    body, content_type = upload_body(data)
-    header_drip = b"GET /health HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
-    body_drip = (f"POST /analyze HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    drippers = [threading.Thread(target=drip, args=(header_drip,)) for _ in range(32)]
-    # Body drippers send their headers at once, then the body a byte a second.
-    drippers += [threading.Thread(target=drip_body, args=(port, body_drip, len(body), stop_dripping, answers))
-                 for _ in range(32)]
-    for thread in drippers:
-        thread.start()
-    time.sleep(1.0)
-    health_times, upload_times, statuses = [], [], []
-    began = time.monotonic()
-    while time.monotonic() - began < 2.5:  # inside REQUEST_TIMEOUT=3: every dripper is still connected
-        moment = time.monotonic()
-        statuses.append(requests.get(f"{base}/health", timeout=10).status_code)
-        health_times.append(time.monotonic() - moment)
-        moment = time.monotonic()
-        statuses.append(requests.post(f"{base}/analyze", files={"file": ("a.jpg", data)},
-                                      timeout=10).status_code)
-        upload_times.append(time.monotonic() - moment)
-    for thread in drippers:
-        thread.join(timeout=15)
-    stop_dripping.set()
-    print(f"\n64 slow connections: /health slowest {max(health_times):.3f} s, uploads slowest "
-          f"{max(upload_times):.3f} s over {len(upload_times)} uploads; "
-          f"{sum(b' 408 ' in answer for answer in answers)} of {len(answers)} drippers got 408")
-    assert set(statuses) == {200}
-    assert max(health_times) < 1.0 and max(upload_times) < 2.0
-    assert sum(b" 408 " in answer for answer in answers) == 64, "each dripper is cut at its deadline"
-
-
-def drip_body(port: int, request: bytes, body_size: int, stop_dripping: threading.Event, answers: list):
-    head, body = request[:-body_size], request[-body_size:]
+def drip(port: int, message: bytes, at_once: int, stop_dripping: threading.Event, answers: list) -> None:
+    """Send `at_once` bytes of message, then the rest a byte a second; keep what comes back."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(head)
-        for index in range(len(body)):
+        sock.sendall(message[:at_once])
+        for index in range(at_once, len(message)):
             if stop_dripping.is_set():
                 break
             try:
-                sock.send(body[index:index + 1])
-            except OSError:
+                sock.send(message[index:index + 1])
+            except OSError:  # cut at the deadline
                 break
             time.sleep(1)
         try:
             answers.append(read_answer(sock, 2))
         except OSError:
             answers.append(b"")
+
+
+def traffic_beside_slow_clients(base: str, port: int, seconds: float, wait_for_cut: bool) -> list[bytes]:
+    """32 connections drip headers and 32 an upload body at 1 byte/s to `port`, while one client
+    checks /health and uploads at `base` for `seconds`. Then the drippers are stopped, or with
+    `wait_for_cut` left to the server to cut; returns what they got back."""
+    data = image_bytes("JPEG", (640, 480), (30, 200, 30))
+    body, content_type = upload_body(data)
+    header_drip = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    body_drip = (f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    stop_dripping, answers = threading.Event(), []
+    drippers = [threading.Thread(target=drip, args=(port, header_drip, 0, stop_dripping, answers))
+                for _ in range(32)]
+    drippers += [threading.Thread(target=drip, args=(port, body_drip, len(body_drip) - len(body),
+                                                     stop_dripping, answers)) for _ in range(32)]
+    for thread in drippers:
+        thread.start()
+    time.sleep(1.0)
+    health_times, upload_times, statuses = [], [], []
+    began = time.monotonic()
+    try:
+        while time.monotonic() - began < seconds:
+            moment = time.monotonic()
+            statuses.append(requests.get(f"{base}/health", timeout=10).status_code)
+            health_times.append(time.monotonic() - moment)
+            moment = time.monotonic()
+            statuses.append(requests.post(f"{base}/analyze", files={"file": ("a.jpg", data)},
+                                          timeout=10).status_code)
+            upload_times.append(time.monotonic() - moment)
+    finally:
+        if not wait_for_cut:
+            stop_dripping.set()
+        for thread in drippers:
+            thread.join(timeout=15)
+        stop_dripping.set()
+    print(f"\n64 slow connections: /health slowest {max(health_times):.3f} s, uploads slowest "
+          f"{max(upload_times):.3f} s over {len(upload_times)} uploads")
+    assert set(statuses) == {200}
+    assert max(health_times) < 1.0 and max(upload_times) < 2.0
+    return answers
+
+
+def test_slow_clients_leave_health_and_uploads_alone(door_server):
+    """Straight at CLIP.sh: the drippers cost nothing but a socket, and each is cut at its deadline."""
+    base, port = door_server
+    began = time.monotonic()
+    answers = traffic_beside_slow_clients(base, port, seconds=2.5, wait_for_cut=True)
+    cut = sum(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    print(f"{cut} of {len(answers)} drippers got 408 after {time.monotonic() - began:.1f} s")
+    assert cut == 64, "each dripper is cut at REQUEST_TIMEOUT"
 
 
 def test_framing_the_door_refuses_or_handles(door_server):
@@ -210,12 +211,12 @@ def test_framing_the_door_refuses_or_handles(door_server):
             sock.sendall(raw)
             return read_answer(sock)
 
-    chunked = exchange(b"POST /analyze HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+    chunked = exchange(b"POST /analyze HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in chunked
 
     began = time.monotonic()
-    huge = exchange(b"POST /analyze HTTP/1.1\r\nHost: a\r\nContent-Type: " + content_type.encode()
+    huge = exchange(b"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + content_type.encode()
                     + b"\r\nContent-Length: 999999999\r\n\r\n")
     assert huge.startswith(b"HTTP/1.1 413 ") and time.monotonic() - began < 1.0
 
@@ -223,7 +224,7 @@ def test_framing_the_door_refuses_or_handles(door_server):
     assert too_long.startswith(b"HTTP/1.1 431 ")
 
     with socket.create_connection(("127.0.0.1", port)) as sock:  # curl's Expect: 100-continue
-        sock.sendall((f"POST /analyze HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\n"
+        sock.sendall((f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
                       f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
                       ).encode())
         sock.settimeout(5)
@@ -236,8 +237,8 @@ def test_framing_the_door_refuses_or_handles(door_server):
     assert garbage.startswith(b"HTTP/1.1 400 ")
 
     # Keep-alive and pipelining: every request on one connection goes through the door too.
-    one = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n"
-    last = b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    one = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    last = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     assert exchange(one + one + last).count(b"HTTP/1.1 200 ") == 3
     with requests.Session() as session:
         for _ in range(3):
@@ -252,3 +253,19 @@ def test_threads_beyond_max_queue_stop_start_up():
         settings_from_mapping({"THREADS": "16", "MAX_QUEUE": "8"})
     assert settings_from_mapping({"MAX_QUEUE": "4"}).serving_threads == 4
     assert settings_from_mapping({}).serving_threads == 8
+
+
+def test_slow_clients_through_nginx_leave_health_and_uploads_alone(door_server, tmp_path):
+    """The same drippers against services/nginx-clip.conf in front of CLIP.sh."""
+    _, service_port = door_server
+    nginx_port = free_port()
+    main = nginx_config(tmp_path, nginx_port, [service_port, service_port])
+    nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
+                             stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
+    base = f"http://127.0.0.1:{nginx_port}"
+    try:
+        wait_listening(base, nginx)
+        traffic_beside_slow_clients(base, nginx_port, seconds=2.5, wait_for_cut=False)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(timeout=10)
