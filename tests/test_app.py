@@ -15,7 +15,7 @@ from clip_service.http.app import MULTIPART_OVERHEAD, create_app
 from clip_service.service import ClipService
 
 ROUTES = {"/analyze": {"GET", "POST"}, "/health": {"GET"}, "/labels": {"GET"}, "/metrics": {"GET"},
-          "/": {"GET"}, "/openapi.json": {"GET"}}
+          "/": {"GET"}, "/static/page.css": {"GET"}, "/static/page.js": {"GET"}, "/openapi.json": {"GET"}}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_the_package_gives_the_factory(app):
     assert isinstance(app.extensions["clip_service"], ClipService)
 
 
-def test_routes_are_exactly_the_api_and_there_is_no_static_route(app):
+def test_routes_are_exactly_the_api_and_the_page_files_no_general_static_route(app):
     routes: dict[str, set[str]] = {}
     for rule in app.url_map.iter_rules():
         routes.setdefault(rule.rule, set()).update(rule.methods - {"HEAD", "OPTIONS"})

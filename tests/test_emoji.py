@@ -76,3 +76,17 @@ def test_broken_answers_count_as_down_and_recover(local_server, status, body):
         assert mapper.emoji_for("cat") == "😺"
     finally:
         mapper.stop()
+
+
+def test_a_redirecting_api_is_down_and_its_target_never_asked(local_server):
+    """The API may reach any address, so it may send the service nowhere else."""
+    local_server.routes["/emoji_mappings.json"] = (302, {"Location": local_server.url("/elsewhere")}, b"")
+    local_server.routes["/elsewhere"] = (200, {}, json.dumps({"cat": "😺"}).encode())
+    mapper = EmojiMapper({"cat": "🐱"}, local_server.url("/emoji_mappings.json"), 2.0, retry_seconds=60)
+    mapper.start()
+    try:
+        assert not mapper.api_reachable
+        assert mapper.emoji_for("cat") == "🐱"
+        assert local_server.hits == ["/emoji_mappings.json"]
+    finally:
+        mapper.stop()

@@ -257,6 +257,8 @@ SCENARIOS = {
         ("GET", "/health", {}, 200),
         ("GET", "/metrics", {}, 200),
         ("GET", "/", {}, 200),
+        ("GET", "/static/page.css", {}, 200),
+        ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
         *[(method, path, NOT_UTF8, 400) for method, path in OPERATIONS],
     ],
@@ -274,6 +276,7 @@ SCENARIOS = {
         ("POST", "/analyze", {**upload, "headers": {"Authorization": f"Bearer {KEY}"}}, 200),
         ("GET", "/health", {}, 200),
         ("GET", "/", {}, 200),
+        ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
     ],
     "loading": [

@@ -87,7 +87,7 @@ def test_env_example_documents_every_setting_and_is_valid(tmp_path):
         assert variable in example, f"{variable} missing from .env.example"
         assert f"`{variable}`" in readme, f"{variable} missing from the README's table"
     settings = load_settings(PROJECT_ROOT / ".env.example", environ={})
-    assert settings.port == 7778 and settings.prompt_template == "" and settings.cors_origins == ("*",)
+    assert settings.port == 7778 and settings.prompt_template == "" and settings.cors_origins == ()
 
 
 def test_reading_settings_imports_no_torch():

@@ -7,6 +7,7 @@ from flask import Blueprint, current_app, jsonify, request
 from clip_service.errors import BadInput
 from clip_service.http.bodies import analyze_body
 from clip_service.http.errors import elapsed
+from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import parse_options, single_value
 from clip_service.service import ClipService
@@ -35,7 +36,7 @@ def _upload() -> bytes | None:
 @analyze_bp.route("/analyze", methods=["GET", "POST"])
 def analyze():
     service = _service()
-    with service.admission.admitted() as deadline:
+    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         url, path = single_value(request.args.getlist, "url"), single_value(request.args.getlist, "file")
         upload = _upload()
         given = [name for name, value in (("url", url), ("file", path), ("upload", upload))

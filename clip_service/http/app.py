@@ -43,7 +43,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     app.register_blueprint(errors_bp)  # then the UTF-8 check, before access control
     app.register_blueprint(analyze_bp)
     app.register_blueprint(status_bp)
-    install_access_control(app, settings.api_key, settings.cors_origins)
+    install_access_control(app, settings.api_key, settings.cors_origins, settings.answered_hosts)
     app.register_blueprint(page_bp)
     if settings.trusted_proxies:  # behind nginx: log and rate the real client, not the proxy
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
+from clip_service.http.page import ASSETS
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from clip_service.settings import Settings
 
@@ -221,18 +222,27 @@ def openapi_description(settings: Settings | None = None) -> dict:
                            "(or of the request's own labels), their confidences and an emoji for each.\n\n"
                            "Every error answer has the `Error` shape; any path not named here is a 404 and "
                            "any other method a 405, in that shape. With API_KEY set, every route but "
-                           "`/`, `/health` and `/openapi.json` needs `Authorization: Bearer <key>`.",
+                           "`/`, `/static/...`, `/health` and `/openapi.json` needs "
+                           "`Authorization: Bearer <key>`.",
         },
         "tags": [{"name": "analysis"}, {"name": "vocabulary"}, {"name": "operations"}],
         "security": [{}, {"bearerAuth": []}],
         "paths": {
             "/": {"get": {
                 "operationId": "webPage", "tags": ["operations"], "summary": "The web page",
-                "description": "One self-contained HTML page that calls /analyze from the browser.",
+                "description": "An HTML page, with its stylesheet and script below, that calls /analyze "
+                               "from the browser.",
                 **open_route,
                 "responses": _responses("500", success={
                     "description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}),
             }},
+            **{f"/static/{name}": {"get": {
+                "operationId": f"webPage{name.split('.')[1].upper()}", "tags": ["operations"],
+                "summary": f"The page's {'stylesheet' if name.endswith('css') else 'script'}",
+                **open_route,
+                "responses": _responses("500", success={
+                    "description": "The file.", "content": {mimetype: {"schema": {"type": "string"}}}}),
+            }} for name, mimetype in ASSETS.items()},
             "/health": {"get": {
                 "operationId": "health", "tags": ["operations"], "summary": "Readiness",
                 **open_route,

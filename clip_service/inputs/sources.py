@@ -31,7 +31,7 @@ class ImageSources:
     def from_file(self, raw_path: str) -> Image.Image:
         real = check_file_access(raw_path, self.settings.allowed_file_roots, self.settings.private)
         with metrics.timed("fetch"):
-            data = read_file(raw_path, real, self.limits.max_bytes)
+            data = read_file(raw_path, real, self.limits.max_bytes, self.settings.allowed_file_roots)
         return self._decode(data)
 
     def from_url(self, url: str, deadline: float | None = None) -> Image.Image:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -31,12 +32,22 @@ from clip_service.errors import (
     UpstreamFailed,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 4096
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def refusal_reason(address: IPAddress) -> str | None:
@@ -50,6 +61,7 @@ def refusal_reason(address: IPAddress) -> str | None:
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
+        ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
         ("private", address.is_private),
         ("reserved", address.is_reserved),
     ):
@@ -90,10 +102,11 @@ class AddressGuard:
             address = ipaddress.ip_address(sockaddr[0].split("%")[0])
             reason = refusal_reason(address)
             if reason and not self._allowed(host, address):
-                raise Forbidden(
-                    f"URL host {host} resolves to {address}, a {reason} address, which is not "
-                    "allowed; add it to URL_ALLOWLIST to allow it"
-                )
+                # The client learns that the host is refused, not what an internal name resolves to.
+                log.info("Refused URL host %s: it resolves to %s, a %s address", host, address, reason)
+                what = f"a {reason} address" if _is_ip_literal(host) else "a name for a non-public address"
+                raise Forbidden(f"URL host {host} is {what}, which is not allowed; add it to "
+                                "URL_ALLOWLIST to allow it")
             checked.append((family, sockaddr))
         if not checked:
             raise UpstreamFailed(f"Could not resolve host {host}")
@@ -194,7 +207,8 @@ class UrlFetcher:
     """Fetches image bytes over http(s) under the SSRF guard, size limit and deadline."""
 
     def __init__(self, max_bytes: int, timeout: float, allowlist: Iterable[str] = (),
-                 accept: str = "image/*"):
+                 accept: str = "image/*", max_redirects: int = MAX_REDIRECTS):
+        self.max_redirects = max_redirects
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.accept = accept
@@ -222,7 +236,7 @@ class UrlFetcher:
             _watch.deadline, _watch.timers = None, []
 
     def _fetch(self, session: requests.Session, url: str, deadline: float) -> bytes:
-        for _hop in range(MAX_REDIRECTS + 1):
+        for _hop in range(self.max_redirects + 1):
             check_url(url)
             try:
                 response = session.get(
@@ -242,7 +256,7 @@ class UrlFetcher:
                     raise UpstreamFailed(
                         f"URL {_redact(url)} answered HTTP {response.status_code}, not an image")
                 return self._read_body(response, url, deadline)
-        raise UpstreamFailed(f"URL redirected more than {MAX_REDIRECTS} times")
+        raise UpstreamFailed(f"URL {_redact(url)} redirected more than {self.max_redirects} times")
 
     def _failure(self, url: str, error: Exception, deadline: float) -> ServiceError:
         if time.monotonic() >= deadline:

@@ -64,9 +64,10 @@ class EmojiMapper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # The API is an operator's own service, usually on this host: any address is fine, but
-        # the fetch gets the same whole-answer deadline and size limit as a client's URL.
+        # the fetch gets the same whole-answer deadline and size limit as a client's URL. Being
+        # allowed every address, it follows no redirect: the API itself is all it may reach.
         self._fetcher = UrlFetcher(MAX_MAPPING_BYTES, timeout, allowlist=("0.0.0.0/0", "::/0"),
-                                   accept="application/json")
+                                   accept="application/json", max_redirects=0)
 
     def emoji_for(self, label: str) -> str | None:
         key = concept_key(label)
