@@ -18,8 +18,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 else:
     _OWN_METRICS_DIR = False
 
-from clip_service.http.app import MULTIPART_OVERHEAD  # noqa: E402
 from clip_service.http.front_door import door_limits  # noqa: E402
+from clip_service.http.limits import body_limits  # noqa: E402
 from clip_service.startup import preflight_or_exit  # noqa: E402
 
 _settings = preflight_or_exit()
@@ -32,8 +32,7 @@ worker_class = "clip_service.http.front_door.FrontDoorWorker"
 workers = _settings.workers or 1
 # Threads overlap network and decoding with inference inside a worker.
 threads = _settings.serving_threads
-door_limits(_settings.max_queue, _settings.request_timeout,
-            _settings.max_image_bytes + MULTIPART_OVERHEAD, threads)
+door_limits(_settings.max_queue, _settings.request_timeout, body_limits(_settings), threads)
 # Loading happens in a background thread, so the heartbeat only has to cover a slow request.
 timeout = max(120, int(_settings.request_timeout) * 2)
 graceful_timeout = max(30, int(_settings.request_timeout) + 5)

@@ -71,6 +71,8 @@ class Settings:
     labels_watch: bool = False
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
     prompts_file: Path = PROJECT_ROOT / "prompts" / "ensemble.txt"
+    batch_files_max: int = 32  # images in one /analyze/batch or /embed request
+    search_index: Path | None = None  # a photo index (python -m clip_service index) for /search
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -269,6 +271,8 @@ _PARSERS = {
     "CLIP_LABELS_WATCH": ("labels_watch", lambda raw: _boolean("CLIP_LABELS_WATCH", raw)),
     "CLIP_PROMPTS_FILE": ("prompts_file", _path),
     "TRUSTED_PROXIES": ("trusted_proxies", lambda raw: _integer("TRUSTED_PROXIES", raw, 0, 10)),
+    "BATCH_FILES_MAX": ("batch_files_max", lambda raw: _integer("BATCH_FILES_MAX", raw, 1, 1024)),
+    "SEARCH_INDEX": ("search_index", _path),
 }
 ENV_VARIABLES = tuple(_PARSERS)
 KEEP_EMPTY = {"CORS_ORIGINS"}  # empty is a real value here: no cross-origin access

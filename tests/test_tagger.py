@@ -105,7 +105,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def counts(summary: tagger.Summary) -> tuple[int, int, int]:
-    return summary.tagged, summary.skipped, summary.done
+    return summary.processed, summary.skipped, summary.done
 
 
 # --- records -----------------------------------------------------------------------------------------
@@ -426,5 +426,5 @@ def test_an_interrupted_batch_is_tagged_again_on_resume(settings, real_classifie
     output = tmp_path / "tags.jsonl"
     stopping = CountingClassifier(real_classifier, interrupt_at=2)
     summary = tag(settings, stopping, photos, output, batch_size=4)
-    assert summary.interrupted and summary.tagged == 0
+    assert summary.interrupted and summary.processed == 0
     assert counts(tag(settings, real_classifier, photos, output, resume=True)) == (4, 1, 0)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 
-from flask import Flask, Request
+from flask import Flask, Request, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from clip_service.engines.base import Engine
 from clip_service.http.access import install_access_control
 from clip_service.http.analyze import analyze_bp
 from clip_service.http.errors import errors_bp
+from clip_service.http.limits import MULTIPART_OVERHEAD, body_limits
 from clip_service.http.logs import configure_logging, install_request_logging
 from clip_service.http.openapi import openapi_bp
 from clip_service.http.page import page_bp
@@ -18,7 +19,7 @@ from clip_service.http.status import status_bp
 from clip_service.service import ClipService
 from clip_service.settings import Settings
 
-MULTIPART_OVERHEAD = 64 * 1024
+__all__ = ["MULTIPART_OVERHEAD", "InMemoryRequest", "create_app"]
 
 
 class InMemoryRequest(Request):
@@ -34,12 +35,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__, static_folder=None)  # the page is served by page.py, with its headers
     app.request_class = InMemoryRequest
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_OVERHEAD
+    limits = body_limits(settings)
+    app.config["MAX_CONTENT_LENGTH"] = limits.one_image
     app.json.ensure_ascii = False  # emoji as characters, not \u escapes
     app.json.sort_keys = False
     service = ClipService(settings, engine=engine)
     app.extensions["clip_service"] = service
     install_request_logging(app)  # first: its clock must start before any other hook runs
+
+    @app.before_request
+    def _body_limit():  # the routes that take several images may have a larger body
+        multipart = request.mimetype == "multipart/form-data"
+        request.max_content_length = limits.for_request(request.path, multipart)
+
     app.register_blueprint(errors_bp)  # then the UTF-8 check, before access control
     app.register_blueprint(analyze_bp)
     app.register_blueprint(status_bp)

@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 from gunicorn.workers import gthread
 
+from clip_service.http.limits import BodyLimits
+
 ARRIVED_KEY = "clip_service.arrived"
 LIGHT_PATHS = frozenset({"/", "/health", "/metrics", "/labels", "/openapi.json", "/favicon.ico"})
 LIGHT_THREADS = 2
@@ -56,6 +58,7 @@ class Head:
     chunked: bool
     size: int  # bytes of the request line and headers, blank line included
     expect_line: tuple[int, int] | None  # (start, end) of an `Expect: 100-continue` line in the head
+    multipart: bool = False  # Content-Type multipart/form-data: may hold several images on some routes
 
 
 def parse_head(data: bytes) -> Head:
@@ -70,7 +73,7 @@ def parse_head(data: bytes) -> Head:
         raise ValueError("malformed request line")
     target = parts[1].decode("latin-1")
     path = urlsplit(target).path if "://" in target else target.partition("?")[0]
-    lengths, chunked, expect_line = set(), False, None
+    lengths, chunked, expect_line, multipart = set(), False, None, False
     offset = len(lines[0]) + 2
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -83,11 +86,13 @@ def parse_head(data: bytes) -> Head:
             chunked = chunked or b"chunked" in value
         elif name == b"expect" and value == b"100-continue":
             expect_line = (offset, offset + len(line) + 2)
+        elif name == b"content-type":
+            multipart = value.partition(b";")[0].strip() == b"multipart/form-data"
         offset += len(line) + 2
     if len(lengths) > 1 or any(not value.isdigit() for value in lengths):
         raise ValueError("bad Content-Length")
     return Head(parts[0].decode("latin-1"), path, int(lengths.pop()) if lengths else 0, chunked, size,
-                expect_line)
+                expect_line, multipart)
 
 
 def error_answer(status: int, message: str, seconds: float, retry_after: int | None = None) -> bytes:
@@ -139,7 +144,7 @@ class FrontDoorWorker(gthread.ThreadWorker):
 
     max_queue = 32
     request_timeout = 30.0
-    body_limit = 8 * 1024 * 1024
+    body_limits = BodyLimits(8 * 1024 * 1024, 8 * 1024 * 1024)
     buffer_limit = 512 * 1024 * 1024
 
     @classmethod
@@ -240,9 +245,12 @@ class FrontDoorWorker(gthread.ThreadWorker):
             self._refuse(conn, 411, "Send the request with a Content-Length (chunked uploads are "
                                     "not accepted)")
             return False
-        if head.content_length > self.body_limit:
+        limit = self.body_limits.for_request(head.path, head.multipart)
+        if head.content_length > limit:
+            what = "BATCH_FILES_MAX times MAX_IMAGE_BYTES" if limit > self.body_limits.one_image \
+                else "MAX_IMAGE_BYTES"
             self._refuse(conn, 413, f"The request body is {head.content_length} bytes; the limit is "
-                                    f"{self.body_limit} (MAX_IMAGE_BYTES plus form overhead)")
+                                    f"{limit} ({what}, plus form overhead)")
             return False
         if head.content_length and self.buffered + head.content_length > self.buffer_limit:
             self._refuse(conn, 503, "The service is receiving too many uploads at once; retry "
@@ -353,10 +361,12 @@ class FrontDoorWorker(gthread.ThreadWorker):
         return super().handle(conn)
 
 
-def door_limits(max_queue: int, request_timeout: float, body_limit: int, threads: int) -> None:
+def door_limits(max_queue: int, request_timeout: float, body_limits: BodyLimits, threads: int) -> None:
     """Configure the worker class from the validated settings (gunicorn.conf.py, before forking)."""
     FrontDoorWorker.max_queue = max_queue
     FrontDoorWorker.request_timeout = request_timeout
-    FrontDoorWorker.body_limit = body_limit
-    # Bodies held at once: every place in the queue and every thread, each with a whole upload.
-    FrontDoorWorker.buffer_limit = (max_queue + threads) * body_limit
+    FrontDoorWorker.body_limits = body_limits
+    # Bodies held at once: every place in the queue and every thread, each with a whole upload, and
+    # always room for one body of many images.
+    FrontDoorWorker.buffer_limit = max((max_queue + threads) * body_limits.one_image,
+                                       body_limits.many_images)

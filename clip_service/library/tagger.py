@@ -11,7 +11,6 @@ picks up where it stopped (library.output and library.resume).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -20,17 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from PIL import Image
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, load_engine
 from clip_service.inputs.images import ImageLimits
+from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, csv_line, open_output
-from clip_service.library.pipeline import DECODE_AHEAD, prefetch, read_image
-from clip_service.library.walk import IMAGE_EXTENSIONS, find_candidates, record_key
+from clip_service.library.walk import find_pending, record_key
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, Prediction
 from clip_service.vocabulary.emoji import EmojiMapper, emoji_mapper
@@ -54,27 +49,6 @@ class TagOptions:
     overwrite: bool = False
     progress: bool = False
     batch_size: int = 0  # images per forward pass; 0: the server's default for the device
-
-
-@dataclass
-class Summary:
-    """Counts for the final line; updated as the run goes, so an interrupted run still reports them."""
-
-    tagged: int = 0
-    skipped: int = 0
-    done: int = 0  # already in the output before this run
-    seconds: float = 0.0
-    interrupted: bool = False
-
-    def line(self) -> str:
-        rate = self.tagged / self.seconds if self.seconds > 0 else 0.0
-        return (f"tagged {self.tagged}, skipped {self.skipped}, already done {self.done} "
-                f"in {self.seconds:.1f} s ({rate:.1f} images/s)")
-
-    @property
-    def exit_code(self) -> int:
-        """1 when there was something to tag and none of it could be, or nothing to tag was found."""
-        return 1 if self.tagged == 0 and self.done == 0 else 0
 
 
 # --- records -----------------------------------------------------------------------------------------
@@ -138,69 +112,17 @@ def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, 
     A bad file is logged and counted. An interruption loses at most the batch in progress, which a
     resumed run tags again.
     """
-    draft_size = classifier.engine.input_size
-    batch_size = options.batch_size or default_batch_size(classifier.engine)
-    batch: list[tuple[Path, Image.Image]] = []
+    work = BatchWork(lambda images: classifier.classify_many(images, options.threshold, options.limit),
+                     lambda image: classifier.classify(image, options.threshold, options.limit))
 
-    def read(relative: Path) -> tuple[Image.Image | None, str | None]:
-        return read_image(options.folder / relative, limits, draft_size)
-
-    def skip(relative: Path, problem: str) -> None:
-        log.warning("Skipped %s: %s", relative, problem)
-        summary.skipped += 1
-        bar.set_postfix(skipped=summary.skipped, refresh=False)
-        bar.update()
-
-    def flush() -> None:
-        for relative, outcome in classify_batch(classifier, batch, options):
-            if isinstance(outcome, str):
-                skip(relative, outcome)
-                continue
-            output.write(format_record(make_record(record_key(relative), outcome), options.fmt))
-            summary.tagged += 1
-            bar.update()
+    def write(done: list[tuple[Path, list[Prediction]]]) -> None:
+        for relative, predictions in done:
+            output.write(format_record(make_record(record_key(relative), predictions), options.fmt))
         output.flush()
-        batch.clear()
 
-    bar = tqdm(total=len(pending), unit="img", disable=not options.progress, dynamic_ncols=True)
-    try:
-        # Log lines go above the bar instead of through it (only while there is a bar: the redirect
-        # adds a console handler even where logging had none).
-        redirect = logging_redirect_tqdm() if options.progress else contextlib.nullcontext()
-        results = prefetch(read, pending, ahead=DECODE_AHEAD + batch_size)
-        with redirect, contextlib.closing(results):
-            for relative, (image, problem) in results:
-                if image is None:
-                    skip(relative, problem)
-                    continue
-                batch.append((relative, image))
-                if len(batch) >= batch_size:
-                    flush()
-            flush()
-    finally:
-        bar.close()
-
-
-def classify_batch(classifier: Classifier, batch: list[tuple[Path, Image.Image]], options: TagOptions,
-                   ) -> list[tuple[Path, list[Prediction] | str]]:
-    """(path, predictions or why not) for each image; one forward pass unless one image breaks it."""
-    if not batch:
-        return []
-    images = [image for _, image in batch]
-    try:
-        if len(images) > 1:
-            results = classifier.classify_many(images, options.threshold, options.limit)
-            return [(relative, predictions)
-                    for (relative, _), predictions in zip(batch, results, strict=True)]
-    except Exception:  # one odd image must not cost the others: fall back to one at a time
-        log.debug("A batch of %d failed; classifying its images one by one", len(images), exc_info=True)
-    outcomes: list[tuple[Path, list[Prediction] | str]] = []
-    for relative, image in batch:
-        try:
-            outcomes.append((relative, classifier.classify(image, options.threshold, options.limit)))
-        except Exception as error:  # e.g. an image shape the model cannot take
-            outcomes.append((relative, f"{type(error).__name__}: {error}"))
-    return outcomes
+    process_files(options.folder, pending, work, limits, classifier.engine.input_size,
+                  options.batch_size or default_batch_size(classifier.engine), write, summary,
+                  options.progress)
 
 
 def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[], Classifier]) -> Summary:
@@ -211,16 +133,11 @@ def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[],
     """
     if not options.folder.is_dir():
         raise LibraryError(f"{options.folder} is not a folder")
-    summary = Summary()
+    summary = Summary("tagged")
     spec = OutputSpec(options.output, options.fmt, CSV_HEADER, options.resume, options.overwrite)
     with open_output(spec) as (output, done):
-        candidates = find_candidates(options.folder, options.all_files, options.output)
-        pending = [relative for relative in candidates if record_key(relative) not in done]
+        candidates, pending = find_pending(options.folder, options.all_files, done, options.output)
         summary.done = len(candidates) - len(pending)
-        if not candidates:
-            log.warning("No %s found under %s", "files" if options.all_files else
-                        f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}; --all-files tries every "
-                        "file)", options.folder)
         log.info("%d of %d files to tag, writing to %s", len(pending), len(candidates),
                  options.output or "standard output")
         if not pending:

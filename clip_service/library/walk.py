@@ -39,3 +39,17 @@ def find_candidates(folder: Path, all_files: bool = False, exclude: Path | None 
 def record_key(relative: Path) -> str:
     """The `path` written for a file: relative to FOLDER with `/`, so a moved library still resumes."""
     return relative.as_posix()
+
+
+def find_pending(folder: Path, all_files: bool, done: set[str], exclude: Path | None = None,
+                 ) -> tuple[list[Path], list[Path]]:
+    """(candidates, pending): the files under folder, and those whose record_key is not in `done`.
+
+    Finding no file at all is worth a warning that says which files are looked for.
+    """
+    candidates = find_candidates(folder, all_files, exclude)
+    if not candidates:
+        log.warning("No %s found under %s", "files" if all_files else
+                    f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}; --all-files tries every file)",
+                    folder)
+    return candidates, [relative for relative in candidates if record_key(relative) not in done]

@@ -103,7 +103,7 @@ class ModelHost:
                                settings.batch_wait_ms / 1000, arriving=self.arriving,
                                on_batch=metrics.BATCH_SIZE.observe)
         self._keep(batcher)
-        classifier = Classifier(engine, vocabulary, self.emoji, encode_image=batcher.submit)
+        classifier = Classifier(engine, vocabulary, self.emoji, encode_images=batcher.submit_many)
         self.batcher, self.classifier = batcher, classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)

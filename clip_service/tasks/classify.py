@@ -67,12 +67,12 @@ class EmojiSource(Protocol):
     def emoji_for(self, label: str) -> str | None: ...
 
 
-ImageEncoder = Callable[[torch.Tensor, float | None], torch.Tensor]  # ((3, H, W), deadline) -> (D,)
+ImageEncoder = Callable[[torch.Tensor, float | None], torch.Tensor]  # ((N, 3, H, W), deadline) -> (N, D)
 
 
 def direct_encoder(engine: Engine) -> ImageEncoder:
-    """Encode each image alone in the calling thread (no batching; deadlines are not enforced)."""
-    return lambda pixels, deadline=None: engine.encode_images(pixels.unsqueeze(0))[0]
+    """Encode the images in the calling thread (no batching; deadlines are not enforced)."""
+    return lambda pixels, deadline=None: engine.encode_images(pixels)
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,12 @@ class Classifier:
     """
 
     def __init__(self, engine: Engine, vocabulary: Vocabulary, emoji: EmojiSource,
-                 encode_image: ImageEncoder | None = None, custom_labels: CustomLabelCache | None = None):
+                 encode_images: ImageEncoder | None = None, custom_labels: CustomLabelCache | None = None):
         self.engine = engine
         self.vocabulary = vocabulary
         self.emoji = emoji
-        self.encode_image = direct_encoder(engine) if encode_image is None else encode_image
+        # The micro-batcher's submit_many in the server; the engine itself in the command-line tools.
+        self.encode_images = direct_encoder(engine) if encode_images is None else encode_images
         self.custom_labels = CustomLabelCache(engine) if custom_labels is None else custom_labels
 
     @property
@@ -117,7 +118,13 @@ class Classifier:
 
     def image_features(self, image: Image.Image, deadline: float | None = None) -> torch.Tensor:
         """(D,) unit feature of one image; `deadline` is a time.monotonic() value."""
-        return self.encode_image(self.engine.prepare(image), deadline)  # prepare: (3, H, W)
+        return self.many_image_features([image], deadline)[0]
+
+    def many_image_features(self, images: list[Image.Image], deadline: float | None = None,
+                            ) -> torch.Tensor:
+        """(N, D) unit features of several images, in one forward pass."""
+        pixels = torch.stack([self.engine.prepare(image) for image in images])  # (N, 3, H, W)
+        return self.encode_images(pixels, deadline)
 
     def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
                    ) -> Candidates:
@@ -142,10 +149,13 @@ class Classifier:
         return self.predictions(image_features, candidates, threshold, limit)[0]
 
     def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
-                      ) -> list[list[Prediction]]:
-        """Several images in one forward pass against the vocabulary (the tagger's batches)."""
-        pixels = torch.stack([self.engine.prepare(image) for image in images])  # (N, 3, H, W)
-        return self.predictions(self.engine.encode_images(pixels), self.candidates(), threshold, limit)
+                      deadline: float | None = None, labels: tuple[str, ...] | None = None,
+                      groups: tuple[str, ...] | None = None) -> list[list[Prediction]]:
+        """Several images in one forward pass (the tagger's batches, /analyze/batch)."""
+        candidates = self.candidates(labels, groups)
+        if not candidates.labels:
+            return [[] for _ in images]
+        return self.predictions(self.many_image_features(images, deadline), candidates, threshold, limit)
 
     def predictions(self, image_features: torch.Tensor, candidates: Candidates, threshold: float,
                     limit: int) -> list[list[Prediction]]:

@@ -97,6 +97,14 @@ class Vocabulary:
         return dict(zip(self.label_set.texts, self.features, strict=True))
 
     @functools.cached_property
+    def text_rows(self) -> dict[str, int]:
+        """Each text the model reads -> its row in `features` (the first, if labels share a text)."""
+        rows: dict[str, int] = {}
+        for index, text in enumerate(self.label_set.texts):
+            rows.setdefault(text, index)
+        return rows
+
+    @functools.cached_property
     def group_rows(self) -> dict[str, list[int]]:
         """Each group's rows in `features`, computed once per vocabulary rather than per request."""
         row = {label: index for index, label in enumerate(self.label_set.labels)}

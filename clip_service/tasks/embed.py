@@ -1,0 +1,62 @@
+"""Embeddings: the unit vectors CLIP gives images and texts, as /embed and the photo index hand them out.
+
+Image embeddings are the features /analyze scores (through the micro-batcher in the server). A text
+embedded with `prompts` is exactly the feature /analyze scores that label with: the vocabulary's own row
+when the text is a vocabulary label's text, else the prompt-ensemble feature that `labels=` uses (from
+the same LRU cache). Without `prompts` a text is encoded as it is, cached in a second LRU.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip_service.tasks.classify import Classifier
+from clip_service.vocabulary.custom_labels import CustomLabelCache
+
+AS_WRITTEN = ("{}",)  # a "template" that leaves a text as it is
+
+
+class Embedder:
+    """Embeds images and texts with a classifier's engine, batcher, vocabulary and label cache."""
+
+    def __init__(self, classifier: Classifier, plain_texts: CustomLabelCache | None = None):
+        self.classifier = classifier
+        self.plain_texts = CustomLabelCache(classifier.engine) if plain_texts is None else plain_texts
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.classifier.vocabulary.features.shape[1])
+
+    def images(self, images: Sequence[Image.Image], deadline: float | None = None) -> torch.Tensor:
+        """(N, D) unit float32 embeddings, in one forward pass."""
+        return self.classifier.many_image_features(list(images), deadline)
+
+    def texts(self, texts: Sequence[str], prompts: bool = False) -> torch.Tensor:
+        """(N, D) unit float32 embeddings, in input order (repeats included)."""
+        distinct = tuple(dict.fromkeys(texts))
+        if not prompts:
+            found = dict(zip(distinct, self.plain_texts.features(distinct, AS_WRITTEN), strict=True))
+            return torch.stack([found[text] for text in texts])
+        vocabulary = self.classifier.vocabulary  # read once: a reload may swap it meanwhile
+        rows = vocabulary.text_rows
+        others = tuple(text for text in distinct if text not in rows)
+        found = dict(zip(others, self.classifier.custom_labels.features(others, vocabulary.templates),
+                         strict=True)) if others else {}
+        return torch.stack([vocabulary.features[rows[text]] if text in rows else found[text]
+                            for text in texts])
+
+
+def float_lists(embeddings: torch.Tensor) -> list[list[float]]:
+    """(N, D) float32 -> lists of the shortest decimals that read back as the same float32 values."""
+    return [[float(value) for value in row] for row in embeddings.numpy().astype(np.float32).astype(str)]
+
+
+def base64_rows(embeddings: torch.Tensor) -> list[str]:
+    """(N, D) float32 -> one base64 string per row: D little-endian float32 values."""
+    rows = embeddings.numpy().astype("<f4")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
