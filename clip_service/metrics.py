@@ -28,6 +28,9 @@ REQUESTS = Counter("clip_requests_total", "HTTP requests answered",
 STAGE_SECONDS = Histogram("clip_stage_seconds", "Time spent per request stage",
                           ["stage"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("clip_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS)
+EMBEDDINGS = Counter("clip_embeddings_total", "Embeddings handed out by /embed", ["kind"])
+BATCH_REQUEST_FILES = Histogram("clip_batch_request_files", "Images per /analyze/batch request",
+                                buckets=BATCH_BUCKETS)
 IN_FLIGHT = Gauge("clip_requests_in_flight", "Requests being handled (admission queue depth)",
                   multiprocess_mode="livesum")
 MODEL_INFO = Gauge("clip_model_info", "The loaded model (value 1), by model, device and label set",

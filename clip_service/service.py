@@ -2,15 +2,18 @@
 
 The app, the gunicorn hooks and REST.py hold this object. It only builds the parts and joins them:
 admission (runtime.admission), getting images (inputs.sources), the model and what runs beside it
-(runtime.host), health (runtime.health), emoji (vocabulary.emoji) and classification (tasks.classify).
+(runtime.host), health (runtime.health), emoji (vocabulary.emoji), classification (tasks.classify),
+embeddings (tasks.embed) and photo search (tasks.search).
 """
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from clip_service import metrics
 from clip_service.engines.base import Engine
+from clip_service.errors import ServiceError
 from clip_service.inputs.sources import ImageSources
 from clip_service.runtime.admission import Admission
 from clip_service.runtime.batching import MicroBatcher
@@ -18,6 +21,7 @@ from clip_service.runtime.health import Health
 from clip_service.runtime.host import ModelHost
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, ClassifyOptions, Prediction
+from clip_service.tasks.embed import Embedder
 from clip_service.vocabulary.emoji import emoji_mapper
 
 
@@ -77,6 +81,43 @@ class ClipService:
         with self.health.watching(), metrics.timed("model"):
             return classifier.classify(image, options.threshold, options.limit, deadline, options.labels,
                                        options.groups)
+
+    def analyze_many(self, uploads: list[bytes], deadline: float, options: ClassifyOptions,
+                     ) -> list[list[Prediction] | ServiceError]:
+        """Each upload's predictions, or the error that upload alone caused; one forward pass for all.
+
+        A failure of the model or the deadline fails the whole request.
+        """
+        classifier = self.ready_classifier()
+        metrics.BATCH_REQUEST_FILES.observe(len(uploads))
+        outcomes = self.images.decode_each(uploads, deadline)
+        images = [outcome for outcome in outcomes if not isinstance(outcome, ServiceError)]
+        if not images:
+            return outcomes
+        with self.health.watching(), metrics.timed("model"):
+            predictions = iter(classifier.classify_many(images, options.threshold, options.limit, deadline,
+                                                        options.labels, options.groups))
+        return [outcome if isinstance(outcome, ServiceError) else next(predictions) for outcome in outcomes]
+
+    def ready_embedder(self) -> Embedder:
+        self.ready_classifier()
+        return self.host.embedder
+
+    def embed_images(self, images: list[Image.Image], deadline: float) -> torch.Tensor:
+        """(N, D) unit embeddings of the images, in one forward pass through the micro-batcher."""
+        embedder = self.ready_embedder()
+        with self.health.watching(), metrics.timed("model"):
+            vectors = embedder.images(images, deadline)
+        metrics.EMBEDDINGS.labels("image").inc(len(images))
+        return vectors
+
+    def embed_texts(self, texts: list[str], prompts: bool) -> torch.Tensor:
+        """(N, D) unit embeddings of the texts (with the prompt ensemble: as /analyze scores labels)."""
+        embedder = self.ready_embedder()
+        with self.health.watching(), metrics.timed("text"):
+            vectors = embedder.texts(texts, prompts)
+        metrics.EMBEDDINGS.labels("text").inc(len(texts))
+        return vectors
 
     def _draft_size(self) -> tuple[int, int] | None:
         classifier = self.classifier

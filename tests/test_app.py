@@ -15,7 +15,9 @@ from clip_service.http.app import MULTIPART_OVERHEAD, create_app
 from clip_service.service import ClipService
 
 ROUTES = {"/analyze": {"GET", "POST"}, "/health": {"GET"}, "/labels": {"GET"}, "/metrics": {"GET"},
-          "/": {"GET"}, "/static/page.css": {"GET"}, "/static/page.js": {"GET"}, "/openapi.json": {"GET"}}
+          "/": {"GET"}, "/static/page.css": {"GET"}, "/static/page.js": {"GET"}, "/openapi.json": {"GET"},
+          "/v3/analyze": {"GET", "POST"}, "/v2/analyze": {"GET"}, "/v2/analyze_file": {"GET"},
+          "/analyze/batch": {"POST"}, "/embed": {"GET", "POST"}}
 
 
 @pytest.fixture(scope="module")

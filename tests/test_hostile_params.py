@@ -267,8 +267,8 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ-b
      "no field named file"),
     ({"data": {"file": [(io.BytesIO(png_bytes()), "a.png"), (io.BytesIO(png_bytes()), "b.png")]},
       "content_type": "multipart/form-data"}, "2 were sent"),
-    ({"data": png_bytes(), "content_type": "image/jpeg"}, "multipart/form-data"),
-    ({"data": png_bytes(), "content_type": "application/octet-stream"}, "multipart/form-data"),
+    ({"data": b"not an image", "content_type": "image/jpeg"}, "Not an image"),  # a raw image body
+    ({"data": b"", "content_type": "application/octet-stream"}, "empty"),
     ({"data": png_bytes()}, "multipart/form-data"),
     ({"json": {"url": "http://a.example/x.jpg"}}, "multipart/form-data"),
     ({"data": {"url": "http://a.example/x.jpg"}}, "multipart/form-data"),  # form-urlencoded

@@ -36,7 +36,9 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
 from clip_service.http.access import OPEN_PATHS
+from clip_service.http.limits import MULTIPART_OVERHEAD
 from clip_service.http.openapi import openapi_description
+from clip_service.settings import Settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
@@ -236,6 +238,26 @@ NOT_UTF8 = {"raw_query": b"x=caf\xe9"}  # Latin-1 bytes, not percent-encoded: 40
 
 
 upload = form(file=PNG)
+uploads = form(file=[PNG, PNG])
+json_texts = {"body": {"texts": ["cat", "a red circle"], "prompts": True}, "media_type": "application/json"}
+raw_png = {"body": PNG, "media_type": "application/octet-stream"}
+MANY_LIMIT = Settings().batch_files_max * LIMIT + MULTIPART_OVERHEAD  # a body of many images, "small"
+
+
+def aliases(rows: list[tuple]) -> list[tuple]:
+    """/analyze's rows for /v3/analyze, and its GET rows for the /v2 routes with their parameter names."""
+    copied = []
+    for method, path, request, status in rows:
+        if path != "/analyze":
+            continue
+        copied.append((method, "/v3/analyze", request, status))
+        query = request.get("query", {})
+        for v2_path, old, new in (("/v2/analyze", "url", "image_url"),
+                                  ("/v2/analyze_file", "file", "file_path")):
+            if method == "GET" and old in query:
+                renamed = {(new if name == old else name): value for name, value in query.items()}
+                copied.append(("GET", v2_path, {**request, "query": renamed}, status))
+    return copied
 
 
 # scenario -> [(method, path, request, expected status)]; "{tmp}" in a query value is the allowed root.
@@ -260,15 +282,38 @@ SCENARIOS = {
         ("GET", "/static/page.css", {}, 200),
         ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
+        ("POST", "/analyze", raw_png, 200),
+        ("POST", "/analyze/batch", uploads, 200),
+        ("POST", "/analyze/batch", form(file=[PNG, b"not an image"], limit=1), 200),
+        ("POST", "/analyze/batch", form(file=[PNG], groups="nope"), 400),
+        ("GET", "/embed", get(text=["cat", "dog"], encoding="base64"), 200),
+        ("GET", "/embed", get(file="{tmp}/photo.png"), 200),
+        ("GET", "/embed", get(file="{tmp}/absent.png"), 404),
+        ("GET", "/embed", get(file="/etc/hostname"), 403),
+        ("GET", "/embed", get(url="http://images.invalid/x.png"), 502),
+        ("GET", "/embed", get(text="cat", file="{tmp}/photo.png"), 400),
+        ("POST", "/embed", json_texts, 200),
+        ("POST", "/embed", uploads, 200),
+        ("POST", "/embed", raw_png, 200),
+        ("POST", "/embed", {"body": {"texts": []}, "media_type": "application/json"}, 400),
         *[(method, path, NOT_UTF8, 400) for method, path in OPERATIONS],
+    ],
+    "fetching": [  # URL_ALLOWLIST=127.0.0.1 and MAX_IMAGE_BYTES=LIMIT, a server with a small and a big image
+        ("GET", "/v2/analyze", get(image_url="{server}/photo.png"), 200),
+        ("GET", "/v2/analyze", get(image_url="{server}/big.png"), 413),
+        ("GET", "/embed", get(url="{server}/big.png"), 413),
     ],
     "small": [  # MAX_IMAGE_BYTES=LIMIT
         ("POST", "/analyze", form(file=b"x" * (LIMIT + 1)), 413),
         ("POST", "/analyze", form(file=b"x" * (LIMIT + 70_000)), 413),  # over MAX_CONTENT_LENGTH, unread
         ("GET", "/analyze", get(file="{tmp}/big.png"), 413),
+        ("POST", "/analyze/batch", form(file=[b"x" * (MANY_LIMIT + 1)]), 413),
+        ("POST", "/embed", form(file=[b"x" * (MANY_LIMIT + 1)]), 413),
+        ("GET", "/embed", get(file="{tmp}/big.png"), 413),
     ],
     "keyed": [  # API_KEY=KEY
         ("GET", "/analyze", get(file="{tmp}/photo.png"), 401),
+        ("GET", "/analyze", get(url="http://images.invalid/x.png"), 401),
         ("POST", "/analyze", upload, 401),
         ("GET", "/labels", {}, 401),
         ("GET", "/metrics", {}, 401),
@@ -278,12 +323,18 @@ SCENARIOS = {
         ("GET", "/", {}, 200),
         ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
+        ("POST", "/analyze/batch", uploads, 401),
+        ("GET", "/embed", get(text="cat"), 401),
+        ("POST", "/embed", json_texts, 401),
     ],
     "loading": [
         ("GET", "/health", {}, 503),
         ("POST", "/analyze", upload, 503),
         ("GET", "/analyze", get(file="{tmp}/photo.png"), 503),
         ("GET", "/labels", {}, 503),
+        ("POST", "/analyze/batch", uploads, 503),
+        ("GET", "/embed", get(text="cat"), 503),
+        ("POST", "/embed", json_texts, 503),
     ],
     "failed": [
         ("GET", "/health", {}, 503),
@@ -294,9 +345,13 @@ SCENARIOS = {
         ("POST", "/analyze", upload, 503),
         ("GET", "/analyze", get(url="http://images.invalid/x.png"), 503),
     ],
-    "slow": [  # every forward pass takes 1 s, REQUEST_TIMEOUT=0.2
+    "slow": [  # every forward pass takes 1 s, REQUEST_TIMEOUT=0.2, URL_ALLOWLIST=127.0.0.1
         ("POST", "/analyze", upload, 504),
         ("GET", "/analyze", get(file="{tmp}/photo.png"), 504),
+        ("GET", "/v2/analyze", get(image_url="{server}/photo.png"), 504),
+        ("POST", "/analyze/batch", uploads, 504),
+        ("GET", "/embed", get(file="{tmp}/photo.png"), 504),
+        ("POST", "/embed", uploads, 504),
     ],
     "device fault": [  # the model raises on its device
         ("POST", "/analyze", upload, 503),
@@ -304,6 +359,8 @@ SCENARIOS = {
         ("GET", "/health", {}, 503),  # loaded, but inference failing
     ],
 }
+for _rows in SCENARIOS.values():
+    _rows += aliases(_rows)
 
 
 def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
@@ -321,7 +378,11 @@ def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
     if name == "busy":
         return make_app(replace(settings, max_queue=0), engine=tiny_engine), None
     if name == "slow":
-        return make_app(replace(settings, request_timeout=0.2), engine=SlowEngine(tiny_engine, 1.0)), None
+        slow = replace(settings, request_timeout=0.2, url_allowlist=("127.0.0.1",))
+        return make_app(slow, engine=SlowEngine(tiny_engine, 1.0)), None
+    if name == "fetching":
+        fetching = replace(settings, max_image_bytes=LIMIT, url_allowlist=("127.0.0.1",))
+        return make_app(fetching, engine=tiny_engine), None
     if name == "device fault":
         engine = DeviceFaultEngine(tiny_engine)
         app = make_app(settings, engine=engine)
@@ -342,22 +403,29 @@ def send_raw_query(app, method: str, path: str, raw: bytes) -> schemathesis.Resp
                                  request=sent, elapsed=0.0, verify=False)
 
 
-def _with_tmp(value, tmp_path):
-    return value.replace("{tmp}", str(tmp_path)) if isinstance(value, str) else value
+def _with_tmp(value, tmp_path, server):
+    """A query value with {tmp} (the allowed root) and {server} (the local image server) filled in."""
+    if isinstance(value, list):
+        return [_with_tmp(item, tmp_path, server) for item in value]
+    if not isinstance(value, str):
+        return value
+    return value.replace("{tmp}", str(tmp_path)).replace("{server}", f"http://127.0.0.1:{server.port}")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_documented_answer_matches(scenario, make_app, settings, tiny_engine, tmp_path,
-                                         refused_beyond_loopback):
+                                         refused_beyond_loopback, local_server):
     (tmp_path / "photo.png").write_bytes(PNG)
     (tmp_path / "big.png").write_bytes(PNG + b"\0" * LIMIT)
+    local_server.routes.update({"/photo.png": (200, {}, PNG), "/big.png": (200, {}, PNG + b"\0" * LIMIT)})
     app, finish = scenario_app(scenario, make_app, settings, tiny_engine, tmp_path)
     table = SCENARIOS[scenario]
     api = schemathesis.openapi.from_wsgi("/openapi.json", app, config=schemathesis_config(
         *{status for *_, status in table if status >= 500}))
     try:
         for method, path, request, expected in table:
-            query = {name: _with_tmp(value, tmp_path) for name, value in request.get("query", {}).items()}
+            query = {name: _with_tmp(value, tmp_path, local_server)
+                     for name, value in request.get("query", {}).items()}
             body = {key: request[key] for key in ("body", "media_type") if key in request}
             case = api[path][method].Case(query=query, headers=request.get("headers"), **body)
             if "raw_query" in request:  # beyond what a Case can send: through Flask's client, checked alike

@@ -118,7 +118,8 @@ def test_upload_plus_query_input_is_two_inputs(client):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"data": b"raw bytes", "content_type": "image/png"}, "multipart/form-data"),
+    ({"data": b"raw bytes", "content_type": "text/plain"}, "multipart/form-data"),
+    ({"data": b"raw bytes", "content_type": "image/png"}, "Not an image"),
     ({"json": {"url": "http://a.example/x.jpg"}}, "multipart/form-data"),
     ({"data": {"image": (io.BytesIO(b"x"), "x.png")}, "content_type": "multipart/form-data"},
      "no field named file"),

@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from clip_service.engines.base import Engine
 from clip_service.http.access import install_access_control
 from clip_service.http.analyze import analyze_bp
+from clip_service.http.embed import embed_bp
 from clip_service.http.errors import errors_bp
 from clip_service.http.limits import MULTIPART_OVERHEAD, body_limits
 from clip_service.http.logs import configure_logging, install_request_logging
@@ -50,6 +51,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
 
     app.register_blueprint(errors_bp)  # then the UTF-8 check, before access control
     app.register_blueprint(analyze_bp)
+    app.register_blueprint(embed_bp)
     app.register_blueprint(status_bp)
     install_access_control(app, settings.api_key, settings.cors_origins, settings.answered_hosts)
     app.register_blueprint(page_bp)

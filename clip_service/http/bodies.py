@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
+from clip_service.errors import ServiceError
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
 from clip_service.tasks.classify import Classifier, Prediction
+from clip_service.tasks.embed import Embedder, base64_rows, float_lists
 
 
 def prediction_body(prediction: Prediction) -> dict:
@@ -29,6 +33,29 @@ def analyze_body(predictions: list[Prediction], classifier: Classifier, processi
         "status": "success",
         "predictions": [prediction_body(prediction) for prediction in predictions],
         "metadata": {"processing_time": processing_time, "model_info": model_info_body(classifier)},
+    }
+
+
+def batch_body(outcomes: list[list[Prediction] | ServiceError], classifier: Classifier,
+               processing_time: float) -> dict:
+    """/analyze/batch: one /analyze answer per image, in order; an error answer for a bad image."""
+    return {
+        "service": "clip",
+        "status": "success",
+        "results": [error_body(outcome.message, processing_time) if isinstance(outcome, ServiceError)
+                    else analyze_body(outcome, classifier, processing_time) for outcome in outcomes],
+        "metadata": {"processing_time": processing_time, "model_info": model_info_body(classifier)},
+    }
+
+
+def embed_body(vectors: torch.Tensor, encoding: str, embedder: Embedder, processing_time: float) -> dict:
+    """/embed: one unit vector per input, in order: lists of numbers, or base64 little-endian float32."""
+    model_info = {**model_info_body(embedder.classifier), "dimensions": embedder.dimensions}
+    return {
+        "service": "clip",
+        "status": "success",
+        "embeddings": base64_rows(vectors) if encoding == "base64" else float_lists(vectors),
+        "metadata": {"processing_time": processing_time, "model_info": model_info},
     }
 
 

@@ -16,6 +16,7 @@ from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
 from clip_service.http.page import ASSETS
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from clip_service.settings import Settings
+from clip_service.tasks.embed import ENCODINGS as EMBEDDING_ENCODINGS
 
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1.0.0"
@@ -46,6 +47,17 @@ def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
     return response
 
 
+def _model_info_properties() -> dict:
+    return {
+        "framework": {"type": "string", "enum": ["OpenAI", "OpenCLIP"],
+                      "description": "`OpenAI` for OpenAI's weights, `OpenCLIP` for every other model."},
+        "model": {"type": "string", "description": "CLIP_MODEL as configured."},
+        "device": {"type": "string", "example": "cpu"},
+        "labels_version": {"type": "string", "pattern": "^[0-9a-f]{12}$",
+                           "description": "The label set's version, as in GET /labels."},
+    }
+
+
 def _schemas(settings: Settings) -> dict:
     prediction = _exact({
         "label": {"type": "string", "description": "As shown to clients (the text before `|` in a "
@@ -56,14 +68,7 @@ def _schemas(settings: Settings) -> dict:
     }, required=["label", "confidence"])
     return {
         "Prediction": prediction,
-        "ModelInfo": _exact({
-            "framework": {"type": "string", "enum": ["OpenAI", "OpenCLIP"],
-                          "description": "`OpenAI` for OpenAI's weights, `OpenCLIP` for every other model."},
-            "model": {"type": "string", "description": "CLIP_MODEL as configured."},
-            "device": {"type": "string", "example": "cpu"},
-            "labels_version": {"type": "string", "pattern": "^[0-9a-f]{12}$",
-                               "description": "The label set's version, as in GET /labels."},
-        }),
+        "ModelInfo": _exact(_model_info_properties()),
         "AnalyzeSuccess": _exact({
             "service": _const("clip"),
             "status": _const("success"),
@@ -76,6 +81,37 @@ def _schemas(settings: Settings) -> dict:
                 "model_info": _ref("schemas", "ModelInfo"),
             }),
         }, description="Every 200 answer of /analyze."),
+        "BatchSuccess": _exact({
+            "service": _const("clip"),
+            "status": _const("success"),
+            "results": {"type": "array", "maxItems": settings.batch_files_max,
+                        "items": {"oneOf": [_ref("schemas", "AnalyzeSuccess"), _ref("schemas", "Error")]},
+                        "description": "One answer per `file` field, in order: /analyze's own answer, or "
+                                       "its error answer for a file that is not a usable image."},
+            "metadata": _exact({
+                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
+                "model_info": _ref("schemas", "ModelInfo"),
+            }),
+        }, description="Every 200 answer of /analyze/batch."),
+        "EmbedSuccess": _exact({
+            "service": _const("clip"),
+            "status": _const("success"),
+            "embeddings": {"oneOf": [
+                {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                 "description": "`encoding=float`: each vector as numbers (float32 values)."},
+                {"type": "array", "items": {"type": "string", "format": "byte"},
+                 "description": "`encoding=base64`: each vector as base64 of `dimensions` little-endian "
+                                "float32 values."},
+            ], "description": "One unit vector per input, in input order."},
+            "metadata": _exact({
+                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
+                "model_info": _exact({
+                    **_model_info_properties(),
+                    "dimensions": {"type": "integer", "minimum": 1,
+                                   "description": "Numbers per vector (the model's embedding size)."},
+                }),
+            }),
+        }, description="Every 200 answer of /embed."),
         "Error": _exact({
             "service": _const("clip"),
             "status": _const("error"),
@@ -150,12 +186,14 @@ def _error_responses() -> dict:
                             "public service with no ALLOWED_FILE_ROOTS), or a URL whose host resolves (on "
                             "any redirect hop) to a loopback, private, link-local, multicast, reserved or "
                             "unspecified address not in URL_ALLOWLIST."),
-        "NotFound": _error("`file` does not exist (on /analyze); any path this description does not name."),
+        "NotFound": _error("`file` (or `file_path`) does not exist; any path this description does not "
+                           "name."),
         "MethodNotAllowed": _error(
             "A method the route does not take (every route answers it so).",
             {"Allow": {"description": "The methods the route takes.", "required": True,
                        "schema": {"type": "string"}, "example": "GET, HEAD, OPTIONS"}}),
-        "PayloadTooLarge": _error("The upload, the URL's body or the file is larger than MAX_IMAGE_BYTES."),
+        "PayloadTooLarge": _error("The upload, the URL's body or the file is larger than MAX_IMAGE_BYTES (a "
+                                  "body of several images: BATCH_FILES_MAX times MAX_IMAGE_BYTES)."),
         "InternalError": _error("An unexpected failure (a bug, or a model that fails on its device); the "
                                 "message never holds internals, the log has the traceback."),
         "BadGateway": _error("The URL could not be fetched: DNS failure, refused connection, an answer other "
@@ -208,10 +246,168 @@ def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") 
     return {"200": success, **{code: _ref("responses", names[code]) for code in ("400", *codes)}}
 
 
+ALIAS = ("The same as /analyze (same checks, options and answers), under the name the animal-farm "
+         "orchestrator and its sibling services use.")
+
+
+def _url_parameter(name: str) -> dict:
+    return {"name": name, "in": "query", "required": False,
+            "description": "An http or https URL of the image. Public addresses only unless URL_ALLOWLIST "
+                           f"names the host; at most {MAX_REDIRECTS} redirects, each checked.",
+            "schema": {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH},
+            "example": "https://example.com/cat.jpg"}
+
+
+def _file_parameter(name: str) -> dict:
+    return {"name": name, "in": "query", "required": False,
+            "description": "An absolute path to an image on the server, under ALLOWED_FILE_ROOTS (with none: "
+                           "any file when PRIVATE=True, none otherwise).",
+            "schema": {"type": "string"}}
+
+
+def _image_field(settings: Settings) -> dict:
+    return {"type": "string", "format": "binary",
+            "description": f"An image, at most MAX_IMAGE_BYTES ({settings.max_image_bytes} bytes): PNG, "
+                           "JPEG, GIF (first frame), BMP or WebP, recognised by content."}
+
+
+def _raw_image(settings: Settings) -> dict:
+    """The request body as the image itself (Content-Type image/... or application/octet-stream)."""
+    return {"schema": _image_field(settings)}
+
+
+def _analyze_get(settings: Settings, operation: str, url_name: str | None, file_name: str | None,
+                 alias: str = "") -> dict:
+    names = [f"`{name}`" for name in (url_name, file_name) if name]
+    places = (("at a URL", url_name), ("in a file on the server", file_name))
+    where = " or ".join(place for place, name in places if name)
+    rule = f"Give exactly one of {' and '.join(names)}, each at most once." if len(names) > 1 else \
+        f"Give {names[0]} once."
+    return {
+        "operationId": operation, "tags": ["analysis"],
+        "summary": f"Classify the image {where}",
+        "description": " ".join(filter(None, [alias, rule])),
+        "parameters": [*([_url_parameter(url_name)] if url_name else []),
+                       *([_file_parameter(file_name)] if file_name else []),
+                       *_option_parameters(settings, "query")],
+        "responses": _responses(*(["401", "403"] + (["404"] if file_name else []) + ["413", "500"]
+                                  + (["502"] if url_name else []) + ["503", "504"]),
+                                success=_json(_ref("schemas", "AnalyzeSuccess"), "The predictions."),
+                                bad_request="BadRequest"),
+    }
+
+
+def _analyze_post(settings: Settings, operation: str, alias: str = "") -> dict:
+    return {
+        "operationId": operation, "tags": ["analysis"],
+        "summary": "Classify an uploaded image",
+        "description": " ".join(filter(None, [
+            alias, "The image is the multipart field `file`, or the whole body (Content-Type `image/...` or "
+                   "`application/octet-stream`). The options may be query parameters or form fields, each "
+                   "given once."])),
+        "parameters": _option_parameters(settings, "query"),
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": _image_field(settings), **_option_properties(settings)},
+            }},
+            "image/*": _raw_image(settings),
+            "application/octet-stream": _raw_image(settings),
+        }},
+        "responses": _responses("401", "413", "500", "503", "504",
+                                success=_json(_ref("schemas", "AnalyzeSuccess"), "The predictions."),
+                                bad_request="BadRequest"),
+    }
+
+
+def _analyze_batch(settings: Settings) -> dict:
+    return {
+        "operationId": "analyzeBatch", "tags": ["analysis"],
+        "summary": "Classify several uploaded images in one forward pass",
+        "description": f"Up to BATCH_FILES_MAX ({settings.batch_files_max}) `file` fields; the same options "
+                       "as /analyze apply to every image. A file that is not a usable image gets its own "
+                       "error answer in `results`; the others still succeed.",
+        "parameters": _option_parameters(settings, "query"),
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "file": {"type": "array", "minItems": 1, "maxItems": settings.batch_files_max,
+                         "items": _image_field(settings)},
+                **_option_properties(settings),
+            },
+        }}}},
+        "responses": _responses("401", "413", "500", "503", "504",
+                                success=_json(_ref("schemas", "BatchSuccess"), "One answer per image."),
+                                bad_request="BadRequest"),
+    }
+
+
+def _embed_options(settings: Settings) -> list[dict]:
+    return [
+        {"name": "prompts", "in": "query", "required": False,
+         "description": "Texts only: embed each text through the vocabulary's prompt templates, exactly as "
+                        "/analyze scores a label (default false: the text as written).",
+         "schema": {"type": "boolean", "default": False}},
+        {"name": "encoding", "in": "query", "required": False,
+         "description": "`float`: numbers; `base64`: each vector as base64 of little-endian float32 values.",
+         "schema": {"type": "string", "enum": list(EMBEDDING_ENCODINGS), "default": "float"}},
+    ]
+
+
+EMBED_ANSWER = "One unit vector per input, in order."
+
+
+def _embed_get(settings: Settings) -> dict:
+    return {
+        "operationId": "embedByReference", "tags": ["embeddings"],
+        "summary": "Embed the image at a URL or in a server file, or texts",
+        "description": "Give exactly one of `url`, `file` and `text` (which may repeat: at most "
+                       f"{MAX_REQUEST_LABELS} texts, each at most {MAX_LABEL_CHARACTERS} characters).",
+        "parameters": [
+            _url_parameter("url"), _file_parameter("file"),
+            {"name": "text", "in": "query", "required": False, "style": "form", "explode": True,
+             "description": "A text to embed; repeat the parameter for several.",
+             "schema": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REQUEST_LABELS}},
+            *_embed_options(settings),
+        ],
+        "responses": _responses("401", "403", "404", "413", "500", "502", "503", "504",
+                                success=_json(_ref("schemas", "EmbedSuccess"), EMBED_ANSWER),
+                                bad_request="BadRequest"),
+    }
+
+
+def _embed_post(settings: Settings) -> dict:
+    return {
+        "operationId": "embedPosted", "tags": ["embeddings"],
+        "summary": "Embed uploaded images, or texts",
+        "description": f"Images: up to BATCH_FILES_MAX ({settings.batch_files_max}) `file` fields, one "
+                       "forward pass (or one image as the whole body); texts: a JSON object. `prompts` and "
+                       "`encoding` may be query parameters, or keys of the JSON object.",
+        "parameters": _embed_options(settings),
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "array", "minItems": 1, "maxItems": settings.batch_files_max,
+                                        "items": _image_field(settings)}},
+            }},
+            "application/json": {"schema": _exact({
+                "texts": {"type": "array", "minItems": 1, "maxItems": MAX_REQUEST_LABELS,
+                          "items": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARACTERS}},
+                "prompts": {"type": "boolean", "default": False},
+                "encoding": {"type": "string", "enum": list(EMBEDDING_ENCODINGS), "default": "float"},
+            }, required=["texts"]), "example": {"texts": ["a dog on a beach", "a red circle"]}},
+            "image/*": _raw_image(settings),
+            "application/octet-stream": _raw_image(settings),
+        }},
+        "responses": _responses("401", "413", "500", "503", "504",
+                                success=_json(_ref("schemas", "EmbedSuccess"), EMBED_ANSWER),
+                                bad_request="BadRequest"),
+    }
+
+
 def openapi_description(settings: Settings | None = None) -> dict:
     """The OpenAPI 3 description of the service configured by `settings` (default: the defaults)."""
     settings = settings or Settings()
-    analyzed = _json(_ref("schemas", "AnalyzeSuccess"), "The predictions.")
     open_route = {"security": []}
     return {
         "openapi": OPENAPI_VERSION,
@@ -225,7 +421,7 @@ def openapi_description(settings: Settings | None = None) -> dict:
                            "`/`, `/static/...`, `/health` and `/openapi.json` needs "
                            "`Authorization: Bearer <key>`.",
         },
-        "tags": [{"name": "analysis"}, {"name": "vocabulary"}, {"name": "operations"}],
+        "tags": [{"name": name} for name in ("analysis", "embeddings", "search", "vocabulary", "operations")],
         "security": [{}, {"bearerAuth": []}],
         "paths": {
             "/": {"get": {
@@ -253,47 +449,16 @@ def openapi_description(settings: Settings | None = None) -> dict:
                                  "Loading, failed to load, or inference failing (no Retry-After)."),
                 },
             }},
-            "/analyze": {
-                "get": {
-                    "operationId": "analyzeByReference", "tags": ["analysis"],
-                    "summary": "Classify the image at a URL or in a file on the server",
-                    "description": "Give exactly one of `url` and `file`, each at most once.",
-                    "parameters": [
-                        {"name": "url", "in": "query", "required": False,
-                         "description": "An http or https URL of the image. Public addresses only unless "
-                                        f"URL_ALLOWLIST names the host; at most {MAX_REDIRECTS} redirects, "
-                                        "each checked.",
-                         "schema": {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH},
-                         "example": "https://example.com/cat.jpg"},
-                        {"name": "file", "in": "query", "required": False,
-                         "description": "An absolute path to an image on the server, under "
-                                        "ALLOWED_FILE_ROOTS (with none: any file when PRIVATE=True, none "
-                                        "otherwise).",
-                         "schema": {"type": "string"}},
-                        *_option_parameters(settings, "query"),
-                    ],
-                    "responses": _responses("401", "403", "404", "413", "500", "502", "503", "504",
-                                            success=analyzed, bad_request="BadRequest"),
-                },
-                "post": {
-                    "operationId": "analyzeUpload", "tags": ["analysis"],
-                    "summary": "Classify an uploaded image",
-                    "description": "The options may be query parameters or form fields, each given once.",
-                    "parameters": _option_parameters(settings, "query"),
-                    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                        "type": "object", "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary",
-                                     "description": "The image, at most MAX_IMAGE_BYTES "
-                                                    f"({settings.max_image_bytes} bytes): PNG, JPEG, GIF "
-                                                    "(first frame), BMP or WebP, recognised by content."},
-                            **_option_properties(settings),
-                        },
-                    }}}},
-                    "responses": _responses("401", "413", "500", "503", "504", success=analyzed,
-                                            bad_request="BadRequest"),
-                },
+            "/analyze": {"get": _analyze_get(settings, "analyzeByReference", "url", "file"),
+                         "post": _analyze_post(settings, "analyzeUpload")},
+            "/v3/analyze": {
+                "get": _analyze_get(settings, "analyzeByReferenceV3", "url", "file", ALIAS),
+                "post": _analyze_post(settings, "analyzeUploadV3", ALIAS),
             },
+            "/v2/analyze": {"get": _analyze_get(settings, "analyzeUrlV2", "image_url", None, ALIAS)},
+            "/v2/analyze_file": {"get": _analyze_get(settings, "analyzeFileV2", None, "file_path", ALIAS)},
+            "/analyze/batch": {"post": _analyze_batch(settings)},
+            "/embed": {"get": _embed_get(settings), "post": _embed_post(settings)},
             "/labels": {"get": {
                 "operationId": "labels", "tags": ["vocabulary"],
                 "summary": "The loaded labels by group, with emoji, templates and version",

@@ -1,11 +1,12 @@
-"""Per-request options of /analyze: threshold, limit, labels and groups, read and validated.
+"""Per-request options of /analyze: threshold, limit, labels and groups, read and validated; and the
+budget of texts a request may have encoded (labels= here, texts for /embed).
 
 Flask-free: the values come through `get(name)`, which returns every value given for a name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from clip_service.errors import BadInput
 from clip_service.ranges import parse_in_range
@@ -30,6 +31,19 @@ def _in_range(name: str, raw: str, kind: type, minimum: float, maximum: float) -
         raise BadInput(f"{name}={error}") from None
 
 
+def check_text_budget(name: str, texts: Sequence[str]) -> None:
+    """The per-request budget of texts a request may have encoded: the same for `labels=` and /embed.
+
+    Each text costs a pass of the text tower per prompt template, so both the count and the length of
+    the texts are bounded.
+    """
+    if len(texts) > MAX_REQUEST_LABELS:
+        raise BadInput(f"{name} has {len(texts)} {name}; the limit is {MAX_REQUEST_LABELS}")
+    long = [text for text in texts if len(text) > MAX_LABEL_CHARACTERS]
+    if long:
+        raise BadInput(f"{name}: {long[0][:80]!r} is longer than {MAX_LABEL_CHARACTERS} characters")
+
+
 def _items(raw: str) -> list[str]:
     return [" ".join(item.split()) for item in raw.split(",") if item.strip()]
 
@@ -50,11 +64,7 @@ def parse_options(get: Callable[[str], list[str]], default_threshold: float, max
         labels = tuple(dict.fromkeys(_items(raw)))
         if not labels:
             raise BadInput("labels is empty; give comma-separated labels, e.g. labels=cat,dog")
-        if len(labels) > MAX_REQUEST_LABELS:
-            raise BadInput(f"labels has {len(labels)} labels; the limit is {MAX_REQUEST_LABELS}")
-        long = [label for label in labels if len(label) > MAX_LABEL_CHARACTERS]
-        if long:
-            raise BadInput(f"labels: {long[0][:80]!r} is longer than {MAX_LABEL_CHARACTERS} characters")
+        check_text_budget("labels", labels)
     raw = single_value(get, "groups")
     if raw is not None:
         groups = tuple(dict.fromkeys(_items(raw)))

@@ -6,11 +6,13 @@ that still covers it (see images.decode_image).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from PIL import Image
 
 from clip_service import metrics
+from clip_service.errors import DeadlineExceeded, ServiceError
 from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file
 from clip_service.inputs.url_fetch import UrlFetcher
 from clip_service.settings import Settings
@@ -27,6 +29,30 @@ class ImageSources:
 
     def from_upload(self, data: bytes) -> Image.Image:
         return self._decode(data)
+
+    def decode_each(self, uploads: list[bytes], deadline: float | None = None,
+                    ) -> list[Image.Image | ServiceError]:
+        """Each upload's image, or the error that upload alone caused; the deadline covers them all."""
+        outcomes: list[Image.Image | ServiceError] = []
+        for data in uploads:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"Decoding {len(uploads)} images took longer than REQUEST_TIMEOUT="
+                                       f"{self.settings.request_timeout:g} s; send fewer at once")
+            try:
+                outcomes.append(self._decode(data))
+            except ServiceError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def from_uploads(self, uploads: list[bytes], deadline: float | None = None) -> list[Image.Image]:
+        """Several uploads of one request; one that fails fails them all, its message saying which."""
+        outcomes = self.decode_each(uploads, deadline)
+        for number, outcome in enumerate(outcomes, 1):
+            if isinstance(outcome, ServiceError):
+                if len(outcomes) == 1:
+                    raise outcome
+                raise type(outcome)(f"file {number} of {len(outcomes)}: {outcome.message}")
+        return outcomes
 
     def from_file(self, raw_path: str) -> Image.Image:
         real = check_file_access(raw_path, self.settings.allowed_file_roots, self.settings.private)

@@ -20,6 +20,7 @@ from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, EmojiSource
+from clip_service.tasks.embed import Embedder
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.reload import LabelReloader, load_vocabulary
 from clip_service.vocabulary.watcher import LabelsWatcher
@@ -46,6 +47,7 @@ class ModelHost:
         self.error: str | None = None
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
+        self.embedder: Embedder | None = None
         self._engine = engine
         self._reloader: LabelReloader | None = None
         self._model_info = metrics.ModelInfo()
@@ -104,7 +106,7 @@ class ModelHost:
                                on_batch=metrics.BATCH_SIZE.observe)
         self._keep(batcher)
         classifier = Classifier(engine, vocabulary, self.emoji, encode_images=batcher.submit_many)
-        self.batcher, self.classifier = batcher, classifier
+        self.batcher, self.embedder, self.classifier = batcher, Embedder(classifier), classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
         if settings.health_canary_seconds > 0:

@@ -19,6 +19,7 @@ from clip_service.tasks.classify import Classifier
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 
 AS_WRITTEN = ("{}",)  # a "template" that leaves a text as it is
+ENCODINGS = ("float", "base64")  # how /embed writes vectors: numbers, or base64 of little-endian float32
 
 
 class Embedder:
