@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from trained_clip import COLOURS, draw_picture, write_labels
 from werkzeug.serving import make_server
 
 from clip_service.http.page import SECURITY_HEADERS
@@ -119,6 +120,26 @@ def test_upload_shows_predictions_in_browser(page, photo):
     if shot := os.environ.get("CLIP_SCREENSHOT"):
         Path(shot).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=shot, full_page=True)
+
+
+def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, settings, trained_model_dir,
+                                                               tmp_path):
+    """On the model trained to name colours (tests/trained_clip.py) the page names what it is shown."""
+    labels = write_labels(tmp_path / "labels", {"colours": COLOURS})
+    server = serve(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
+                                                labels_dir=labels)))
+    try:
+        for colour, shape, seed in (("red", "circle", 80_000), ("blue", "square", 80_001)):
+            path = tmp_path / f"{colour}.png"
+            draw_picture(colour, shape, 200, seed=seed).save(path)
+            page.goto(f"http://127.0.0.1:{server.server_port}/")  # a fresh page: no earlier result
+            page.set_input_files("#file", str(path))
+            page.locator("#status", has_text="Most likely:").wait_for(timeout=30_000)
+            assert page.locator("#predictions li.row .label").first.inner_text().strip() == colour
+            assert page.locator("#status").inner_text().startswith(f"Most likely: {colour} (")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_url_error_is_shown_in_plain_words(page):
