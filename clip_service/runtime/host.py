@@ -15,6 +15,7 @@ from typing import Protocol
 from clip_service import metrics
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, load_engine
+from clip_service.engines.spec import public_model_name
 from clip_service.errors import NotReady
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
@@ -133,5 +134,5 @@ class ModelHost:
 
     def _publish(self, vocabulary: Vocabulary) -> None:
         engine = self.classifier.engine
-        self._model_info.publish(engine.name, engine.weights_source, engine.device_name, vocabulary.version,
-                                 len(vocabulary.label_set))
+        self._model_info.publish(public_model_name(engine.name), engine.weights_source, engine.device_name,
+                                 vocabulary.version, len(vocabulary.label_set))
