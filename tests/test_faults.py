@@ -438,8 +438,9 @@ def test_device_fault_turns_health_red_then_green(make_app, settings, tiny_engin
     assert DeviceFaultEngine.MESSAGE in body["error"]
     red_after = time.monotonic() - began
     failed = upload(client, image_bytes())
-    assert failed.status_code in (500, 503)
-    assert "device-side" not in assert_error(failed, failed.status_code), "internals stay in the log"
+    assert "device-side" not in assert_error(failed, 503, "model failed on this image"), \
+        "internals stay in the log"
+    assert int(failed.headers["Retry-After"]) >= 1
 
     engine.failing.clear()
     began = time.monotonic()

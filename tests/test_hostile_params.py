@@ -337,9 +337,7 @@ def test_huge_multipart_field_name_is_4xx(name_length, status, fragment, client)
 def test_huge_file_field_filename_is_judged_by_content(client):
     body = multipart([("file", "f" * 100_000 + ".png", png_bytes())])
     response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary=XyZ-boundary")
-    assert response.status_code in (200, 400, 413), response.get_json()
-    if response.status_code != 200:
-        assert_error(response, response.status_code)
+    assert_success(response)  # a 100 kB file name is only a name: the PNG inside is classified
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
