@@ -35,7 +35,11 @@ SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
 ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
 DEADLINE_MS = 5000  # per fuzz case
 HANG_SECONDS = 30  # a case still running after this is a hang: the watchdog fails it
-RSS_GROWTH_LIMIT_MB = 300
+CRAFTED_SECONDS = 2.0  # asserted per crafted file (measured: under 0.4 s each; the README states both)
+# Asserted: resident memory after a fuzz strategy minus before (measured: at most 3 MB), and the peak
+# for a 1 x 100,000 image (measured: under 1 MB; resizing it untrimmed would allocate 100,000 x 64 x 3
+# bytes, 19 MB, at the tiny model's size).
+RSS_GROWTH_LIMIT_MB = 16
 LOWERED_PIXELS = 16_000_000  # MAX_IMAGE_PIXELS for the bomb cases: 10000x10000 over, 4000x4000 at it
 FUZZ_SCALE = int(os.environ.get("CLIP_FUZZ_SCALE", "1"))
 FUZZ_EXAMPLES = {strategy: count * FUZZ_SCALE for strategy, count in {
@@ -284,7 +288,7 @@ def test_crafted_file(name, make_app, settings):
     assert check_outcome(response) == status, response.get_json()
     if fragment:
         assert fragment in response.get_json()["error"]["message"]
-    assert elapsed < DEADLINE_MS / 1000, f"{name} took {elapsed:.2f} s"
+    assert elapsed < CRAFTED_SECONDS, f"{name} took {elapsed:.2f} s"
 
 
 def test_crafted_files_are_what_they_claim():
@@ -575,5 +579,6 @@ def test_fuzz_upload(strategy, client):
     counts = ", ".join(f"{status}: {count}" for status, count in sorted(outcomes.items()))
     print(f"\n[fuzz] {strategy}: {cases} cases; by status {counts}; slowest {slowest[0]:.2f} s "
           f"({slowest[1]}); RSS {before:.0f} -> {after:.0f} MB (peak {peak:.0f} MB)")
-    assert cases >= FUZZ_EXAMPLES[strategy] // 2, "hypothesis ran far fewer cases than asked"
+    assert cases == FUZZ_EXAMPLES[strategy], "hypothesis ran another number of cases than asked"
+    assert set(outcomes) <= {200, 400}, f"a mutated image is decoded (200) or refused (400): {outcomes}"
     assert after - before < RSS_GROWTH_LIMIT_MB, f"RSS grew {after - before:.0f} MB over the fuzz run"
