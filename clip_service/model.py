@@ -134,7 +134,7 @@ def fetch_weights(spec: ModelSpec) -> None:
         elif spec.open_clip_name.startswith("hf-hub:"):
             repo = spec.open_clip_name[len("hf-hub:"):]
             open_clip.factory._get_hf_config(repo)
-            open_clip.download_pretrained_from_hf(repo)
+            open_clip.pretrained.download_pretrained_from_hf(repo)
     except Exception as error:  # every hub/network/cache failure means the same to the operator
         raise ModelLoadError(
             f"Weights for CLIP_MODEL={spec.name} could not be loaded ({type(error).__name__}: "
