@@ -224,8 +224,10 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     finally:
         assert stop(process) == 0
     log = (tmp_path / "two.log").read_text()
-    assert log.count("Encoding 1 labels") == 2, "each worker's reload encodes only the new label"
-    assert log.count(f"Labels reloaded: 3 labels, version {new_version}") == 2
+    assert log.count(f"Labels reloaded: 3 labels, version {new_version}") == 2, "one line per worker"
+    # Each worker encodes only the new label, or loads all three from the cache the other just wrote.
+    assert log.count("Encoding 1 labels") >= 1
+    assert log.count("Encoding 1 labels") + log.count("Loaded 3 label features") == 2
     assert "Encoding 3 labels" not in log
 
 
