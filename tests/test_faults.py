@@ -109,7 +109,7 @@ def test_sigterm_drains_a_request_in_flight(server_env, tmp_path):  # noqa: F811
     assert "Traceback" not in (tmp_path / "drain.log").read_text()
 
 
-KILLED_WORKER_SECONDS = 5.0  # asserted: /health and an upload 200 again (measured: 0.3 s, tiny model)
+KILLED_WORKER_SECONDS = 5.0  # asserted: /health and an upload 200 again (measured: 0.3 to 0.9 s, tiny model)
 
 
 def test_a_killed_worker_is_replaced(server_env, tmp_path):  # noqa: F811
@@ -608,7 +608,7 @@ def test_a_label_longer_than_the_context_is_cut_with_a_warning(fault_server):
     assert requests.get(f"{fault_server.base}/labels", timeout=10).status_code == 200
 
 
-EMOJI_REQUEST_SECONDS = 1.0  # asserted: an upload while the emoji API is broken (measured: 0.02 s)
+EMOJI_REQUEST_SECONDS = 1.0  # asserted: an upload while the emoji API is broken (measured: up to 0.22 s)
 
 
 def test_a_broken_emoji_api_never_delays_requests_on_clip_sh(fault_server, emoji_api):

@@ -88,9 +88,9 @@ MAX_QUEUE = 4
 # with THREADS > MAX_QUEUE the app sees more requests than it admits, so its own refusal shows.
 THREADS = 8
 # Asserted bounds, stated beside the measured figures in the README ("Reliability and security").
-REFUSAL_SECONDS = 1.0  # every 503 (measured: under 0.2 s)
+REFUSAL_SECONDS = 1.0  # every 503 (measured: 0.07 to 0.22 s)
 ANSWER_SECONDS = 10.0  # every 200: four images of the slow model in one pass (measured: up to 3.5 s)
-HEALTH_SECONDS = 0.5  # every /health poll during the load (measured: under 0.03 s)
+HEALTH_SECONDS = 1.0  # every /health poll during the load (measured: 0.02 to 0.21 s)
 
 
 @pytest.fixture
