@@ -313,6 +313,8 @@ def test_real_bomb_is_refused_before_decoding(max_pixels, make_app, settings):
     before = rss_mb()
     response = upload(client, seed("png_bomb_10000x10000"))
     peak_growth = peak_rss_mb() - before
+    print(f"\n[fuzz] PNG bomb 10000x10000, MAX_IMAGE_PIXELS={max_pixels}: HTTP {response.status_code}, "
+          f"peak RSS +{peak_growth:.0f} MB")
     assert check_outcome(response) == 400
     message = response.get_json()["error"]["message"]
     assert "10000x10000" in message and "MAX_IMAGE_PIXELS" in message and str(max_pixels) in message
