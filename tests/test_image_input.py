@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from image_samples import BLUE, GREEN, RED, YELLOW, encode, png_declaring, quadrants
 from PIL import Image, ImageFile
+from system_tools import run_unprivileged, shared_folder
 
 from clip_service.errors import BadInput, Forbidden, NotFound, TooLarge
 from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file, to_rgb
@@ -626,13 +627,20 @@ def test_file_of_exactly_max_bytes_is_read(root):
     assert read_file(str(path), path, 1000) == b"\1" * 1000
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file_is_forbidden(root):
-    path = root / "locked.png"
-    path.write_bytes(b"x")
-    path.chmod(0)
-    with pytest.raises(Forbidden, match="not readable"):
-        read_file(str(path), path, 1000)
+def test_unreadable_file_is_forbidden():
+    with shared_folder() as folder:
+        readable, locked = folder / "open.png", folder / "locked.png"
+        readable.write_bytes(b"x")
+        readable.chmod(0o644)
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+
+        def check():  # as an unprivileged user, even when the suite runs as root (CI)
+            assert read_file(str(readable), readable, 1000) == b"x"
+            with pytest.raises(Forbidden, match="not readable"):
+                read_file(str(locked), locked, 1000)
+
+        run_unprivileged(check)
 
 
 def test_file_path_end_to_end(root):
