@@ -111,11 +111,11 @@ class ClipService:
         metrics.EMBEDDINGS.labels("image").inc(len(images))
         return vectors
 
-    def embed_texts(self, texts: list[str], prompts: bool) -> torch.Tensor:
+    def embed_texts(self, texts: list[str], prompts: bool, deadline: float | None = None) -> torch.Tensor:
         """(N, D) unit embeddings of the texts (with the prompt ensemble: as /analyze scores labels)."""
         embedder = self.ready_embedder()
         with self.health.watching(), metrics.timed("text"):
-            vectors = embedder.texts(texts, prompts)
+            vectors = embedder.texts(texts, prompts, deadline)
         metrics.EMBEDDINGS.labels("text").inc(len(texts))
         return vectors
 

@@ -206,3 +206,14 @@ def tiny_engine(tiny_model_dir):
     from fake_engines import load_tiny_engine
 
     return load_tiny_engine(tiny_model_dir)
+
+
+def test_texts_share_the_token_budget_of_labels(make_app, settings):
+    client = make_app(dataclasses.replace(settings, labels_token_budget=40)).test_client()
+    texts = [f"a photo of a very red circle number {index}" for index in range(5)]  # 11 tokens each
+    assert_error(client.post("/embed", json={"texts": texts}), 400,
+                 "texts asks to encode 5 new texts under 1 prompt template(s)", "LABELS_TOKEN_BUDGET")
+    assert_error(client.post("/embed", json={"texts": ["red fox"], "prompts": True}), 400,
+                 "under 8 prompt template(s)", "over the limit of 40")
+    assert embedded(client.post("/embed", json={"texts": texts[:3]})).shape == (3, 32)
+    assert embedded(client.post("/embed", json={"texts": ["cat"], "prompts": True})).shape == (1, 32)

@@ -222,6 +222,8 @@ def test_framing_the_door_refuses_or_handles(door_server):
 
     too_long = exchange(b"GET /health HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
     assert too_long.startswith(b"HTTP/1.1 431 ")
+    long_line = exchange(b"GET /analyze?labels=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert long_line.startswith(b"HTTP/1.1 414 ") and b"POST form" in long_line
 
     with socket.create_connection(("127.0.0.1", port)) as sock:  # curl's Expect: 100-continue
         sock.sendall((f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"

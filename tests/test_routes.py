@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clip_service.engines.registry import load_engine
-from clip_service.engines.spec import parse_model_spec
+from clip_service.engines.spec import parse_model_spec, public_model_name
 
 SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
 ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
@@ -51,11 +51,11 @@ def assert_error(response, status, *fragments):
     return message
 
 
-def test_health_when_loaded(client):
+def test_health_when_loaded(client, settings):
     response = client.get("/health")
     assert response.status_code == 200
     assert response.get_json() == {"status": "healthy", "model_status": "loaded", "device": "cpu",
-                                   "num_labels": 10, "model": response.get_json()["model"]}
+                                   "num_labels": 10, "model": public_model_name(settings.clip_model)}
 
 
 def test_upload_success_shape_and_emoji(client):

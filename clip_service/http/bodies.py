@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import torch
 
+from clip_service.engines.spec import public_model_name
 from clip_service.errors import ServiceError
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
@@ -23,8 +24,8 @@ def prediction_body(prediction: Prediction) -> dict:
 def model_info_body(classifier: Classifier) -> dict:
     """`metadata.model_info`: "framework" is whose weights these are (OpenAI or OpenCLIP)."""
     engine = classifier.engine
-    return {"framework": engine.weights_source, "model": engine.name, "device": engine.device_name,
-            "labels_version": classifier.vocabulary.version}
+    return {"framework": engine.weights_source, "model": public_model_name(engine.name),
+            "device": engine.device_name, "labels_version": classifier.vocabulary.version}
 
 
 def analyze_body(predictions: list[Prediction], classifier: Classifier, processing_time: float) -> dict:
@@ -70,7 +71,7 @@ def health_body(service: ClipService) -> dict:
     if host.status == LOADED:
         engine = host.classifier.engine
         body = {"status": "healthy", "model_status": LOADED, "device": engine.device_name,
-                "num_labels": len(host.classifier.label_set), "model": engine.name}
+                "num_labels": len(host.classifier.label_set), "model": public_model_name(engine.name)}
         if service.health.inference_error:
             body.update(status="unhealthy", error=f"Inference is failing: {service.health.inference_error}")
         return body

@@ -116,12 +116,12 @@ def embed():
             raise BadInput("prompts applies to texts only; leave it out for images")
         embedder = service.ready_embedder()
         if texts is not None:
-            vectors = service.embed_texts(texts, options.prompts)
+            vectors = service.embed_texts(texts, options.prompts, deadline)
         else:
             if url is not None:
                 pictures = [service.images.from_url(url, deadline)]
             elif path is not None:
-                pictures = [service.images.from_file(path)]
+                pictures = [service.images.from_file(path, deadline)]
             else:
                 pictures = service.images.from_uploads(images, deadline)
             vectors = service.embed_images(pictures, deadline)

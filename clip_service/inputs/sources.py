@@ -27,19 +27,18 @@ class ImageSources:
         self.fetcher = UrlFetcher(settings.max_image_bytes, settings.url_timeout, settings.url_allowlist)
         self.draft_size = draft_size  # the loaded model's (H, W) input, None before it loads
 
-    def from_upload(self, data: bytes) -> Image.Image:
-        return self._decode(data)
+    def from_upload(self, data: bytes, deadline: float | None = None) -> Image.Image:
+        return self._decode(data, deadline)
 
     def decode_each(self, uploads: list[bytes], deadline: float | None = None,
                     ) -> list[Image.Image | ServiceError]:
         """Each upload's image, or the error that upload alone caused; the deadline covers them all."""
         outcomes: list[Image.Image | ServiceError] = []
         for data in uploads:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"Decoding {len(uploads)} images took longer than REQUEST_TIMEOUT="
-                                       f"{self.settings.request_timeout:g} s; send fewer at once")
             try:
-                outcomes.append(self._decode(data))
+                outcomes.append(self._decode(data, deadline))
+            except DeadlineExceeded:
+                raise
             except ServiceError as error:
                 outcomes.append(error)
         return outcomes
@@ -54,17 +53,21 @@ class ImageSources:
                 raise type(outcome)(f"file {number} of {len(outcomes)}: {outcome.message}")
         return outcomes
 
-    def from_file(self, raw_path: str) -> Image.Image:
+    def from_file(self, raw_path: str, deadline: float | None = None) -> Image.Image:
         real = check_file_access(raw_path, self.settings.allowed_file_roots, self.settings.private)
         with metrics.timed("fetch"):
             data = read_file(raw_path, real, self.limits.max_bytes, self.settings.allowed_file_roots)
-        return self._decode(data)
+        return self._decode(data, deadline)
 
     def from_url(self, url: str, deadline: float | None = None) -> Image.Image:
         with metrics.timed("fetch"):
             data = self.fetcher.fetch(url, deadline)
-        return self._decode(data)
+        return self._decode(data, deadline)
 
-    def _decode(self, data: bytes) -> Image.Image:
+    def _decode(self, data: bytes, deadline: float | None) -> Image.Image:
+        """Decoding is the costly step: none starts once the request's time is up."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("The request's time ran out before its image could be decoded "
+                                   f"(REQUEST_TIMEOUT={self.settings.request_timeout:g} s)")
         with metrics.timed("decode"):
             return decode_image(data, self.limits, self.draft_size())

@@ -37,17 +37,22 @@ class Embedder:
         """(N, D) unit float32 embeddings, in one forward pass."""
         return self.classifier.many_image_features(list(images), deadline)
 
-    def texts(self, texts: Sequence[str], prompts: bool = False) -> torch.Tensor:
-        """(N, D) unit float32 embeddings, in input order (repeats included)."""
+    def texts(self, texts: Sequence[str], prompts: bool = False, deadline: float | None = None,
+              ) -> torch.Tensor:
+        """(N, D) unit float32 embeddings, in input order (repeats included).
+
+        New texts are encoded under the same token budget, one request at a time, as `labels=`.
+        """
         distinct = tuple(dict.fromkeys(texts))
         if not prompts:
-            found = dict(zip(distinct, self.plain_texts.features(distinct, AS_WRITTEN), strict=True))
+            vectors = self.plain_texts.features(distinct, AS_WRITTEN, deadline, asked_by="texts")
+            found = dict(zip(distinct, vectors, strict=True))
             return torch.stack([found[text] for text in texts])
         vocabulary = self.classifier.vocabulary  # read once: a reload may swap it meanwhile
         rows = vocabulary.text_rows
         others = tuple(text for text in distinct if text not in rows)
-        found = dict(zip(others, self.classifier.custom_labels.features(others, vocabulary.templates),
-                         strict=True)) if others else {}
+        found = dict(zip(others, self.classifier.custom_labels.features(
+            others, vocabulary.templates, deadline, asked_by="texts"), strict=True)) if others else {}
         return torch.stack([vocabulary.features[rows[text]] if text in rows else found[text]
                             for text in texts])
 
