@@ -1,4 +1,4 @@
-"""Command-line tools: `python -m clip_service COMMAND`; `tag` for now, `--help` lists them.
+"""Command-line tools: `python -m clip_service COMMAND` (tag, index, search); `--help` lists them.
 
 Each command is a sub-parser with a `handler(args) -> exit code`; a new command adds one function
 like `add_tag_command` below. Settings come from `.env` and the environment exactly as for the server.
@@ -7,17 +7,26 @@ like `add_tag_command` below. Settings come from `.env` and the environment exac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from clip_service.engines.base import ModelLoadError
-from clip_service.library import tagger
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import model_identity
+from clip_service.inputs.images import ImageLimits
+from clip_service.library import indexer, tagger
+from clip_service.library.batches import Summary
 from clip_service.library.errors import LibraryError
+from clip_service.library.photo_index import PhotoIndexError, read_index
+from clip_service.library.pipeline import read_image
 from clip_service.library.walk import IMAGE_EXTENSIONS
 from clip_service.ranges import parse_in_range
 from clip_service.settings import Settings, SettingsError, load_settings
+from clip_service.tasks.search import DEFAULT_RESULTS, MAX_RESULTS, best_matches
 from clip_service.vocabulary.labels import LabelsError
 
 PROG = "python -m clip_service"
@@ -40,6 +49,36 @@ exit status: 0 done; 1 nothing could be tagged (every file failed, or none was f
 2 bad arguments, settings, folder or output file; 130 interrupted (Ctrl-C or SIGTERM).
 
 example: python -m clip_service tag ~/Pictures -o pictures.csv --limit 5 --resume"""
+
+
+INDEX_DESCRIPTION = """\
+Embed every image under FOLDER with the server's model and settings (.env and the environment; no
+server needed) into a photo index for `search` and the server's /search (SEARCH_INDEX=INDEX).
+
+The index holds each image's CLIP embedding, its path relative to FOLDER, FOLDER itself and the
+model's identity: it works only with the same CLIP_MODEL. Folders and files whose names start with '.'
+are skipped; unreadable or undecodable files are skipped with a warning and counted."""
+
+INDEX_EPILOG = """\
+Finished batches are kept in INDEX.partial while the run goes on, so an interrupted run continues
+with --resume. --resume on a finished index embeds only the images it lacks and drops those gone
+from FOLDER; --overwrite starts again.
+
+exit status: 0 done; 1 nothing could be indexed (every file failed, or none was found);
+2 bad arguments, settings, folder or index; 130 interrupted (Ctrl-C or SIGTERM).
+
+example: python -m clip_service index ~/Pictures -o pictures.clipindex --resume"""
+
+SEARCH_DESCRIPTION = """\
+The images of a photo index (made by `index`) that best match a description or look like a photo,
+best first, with their cosine similarity to the query (higher is closer), using the server's model
+and settings. The index must have been made with the same CLIP_MODEL."""
+
+SEARCH_EPILOG = """\
+exit status: 0 done; 2 bad arguments, settings, index or photo.
+
+examples: python -m clip_service search pictures.clipindex "a dog on a beach" -k 5
+          python -m clip_service search pictures.clipindex --like holiday.jpg --json"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -94,6 +133,50 @@ def add_tag_command(commands) -> None:
     parser.set_defaults(handler=run_tag)
 
 
+def add_index_command(commands) -> None:
+    parser = commands.add_parser(
+        "index", help="embed every image in a folder tree into a photo index for search",
+        description=INDEX_DESCRIPTION, epilog=INDEX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, metavar="FOLDER", help="the folder tree to index")
+    parser.add_argument("-o", "--output", type=Path, metavar="INDEX", required=True,
+                        help="the index file to write, e.g. pictures.clipindex")
+    parser.add_argument("--batch-size", type=limit_arg, metavar="N",
+                        help="images per forward pass (default: 8 on a CPU, 64 on a GPU)")
+    parser.add_argument("--all-files", action="store_true",
+                        help="try every file, not only " + " ".join(sorted(IMAGE_EXTENSIONS)))
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="keep what INDEX (or an interrupted run) holds and embed only what it lacks")
+    existing.add_argument("--overwrite", action="store_true", help="index FOLDER again from scratch")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar or info messages (warnings and the summary remain)")
+    parser.set_defaults(handler=run_index)
+
+
+def results_arg(raw: str) -> int:
+    try:
+        return parse_in_range(raw, int, 1, MAX_RESULTS)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_search_command(commands) -> None:
+    parser = commands.add_parser(
+        "search", help="find the images of a photo index that match a description or a photo",
+        description=SEARCH_DESCRIPTION, epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("index", type=Path, metavar="INDEX", help="a photo index made by index")
+    parser.add_argument("text", nargs="?", metavar="TEXT", help='what to look for, e.g. "a dog on a beach"')
+    parser.add_argument("--like", type=Path, metavar="PHOTO", help="look for images like this photo instead")
+    parser.add_argument("-k", type=results_arg, default=DEFAULT_RESULTS, metavar="N",
+                        help=f"how many matches, 1 to {MAX_RESULTS} (default {DEFAULT_RESULTS})")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"folder": ..., "matches": [{"path": ..., "score": ...}, ...]} '
+                             "instead of lines")
+    parser.set_defaults(handler=run_search)
+
+
 def tag_options(args: argparse.Namespace, settings: Settings) -> tagger.TagOptions:
     """Arguments over settings: --threshold and --limit default to the server's values."""
     fmt = args.format or ("csv" if args.output and args.output.lower().endswith(".csv") else "jsonl")
@@ -115,22 +198,29 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_tag(args: argparse.Namespace) -> int:
+def _settings_or_none(quiet: bool) -> Settings | None:
     logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
         settings = load_settings()
     except SettingsError as error:
         _say(str(error))
+        return None
+    logging.getLogger("clip_service").setLevel(logging.WARNING if quiet else settings.log_level)
+    return settings
+
+
+def _run_library(quiet: bool, run: Callable[[Settings], Summary]) -> int:
+    """A library run (tag, index) with its settings, summary line, exit status and SIGTERM handling."""
+    settings = _settings_or_none(quiet)
+    if settings is None:
         return 2
-    logging.getLogger("clip_service").setLevel(logging.WARNING if args.quiet else settings.log_level)
-    options = tag_options(args, settings)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        summary = tagger.run(options, settings, lambda: tagger.load_classifier(settings, args.emoji_api))
+        summary = run(settings)
     except (LibraryError, SettingsError, LabelsError, ModelLoadError) as error:
         _say(str(error))
         return 2
-    except KeyboardInterrupt:  # before any file was tagged, e.g. while the model loads
+    except KeyboardInterrupt:  # before any file was done, e.g. while the model loads
         _say("interrupted")
         return EXIT_INTERRUPTED
     except OSError as error:  # writing the output failed: disk full, a closed pipe
@@ -145,10 +235,63 @@ def run_tag(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def run_tag(args: argparse.Namespace) -> int:
+    return _run_library(args.quiet, lambda settings: tagger.run(
+        tag_options(args, settings), settings, lambda: tagger.load_classifier(settings, args.emoji_api)))
+
+
+def run_index(args: argparse.Namespace) -> int:
+    def run(settings: Settings) -> Summary:
+        options = indexer.IndexOptions(
+            folder=args.folder, output=args.output, all_files=args.all_files, resume=args.resume,
+            overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
+            batch_size=args.batch_size or 0)
+        return indexer.run(options, settings, lambda: load_engine(settings.model_spec, settings.device,
+                                                                  settings.precision))
+
+    return _run_library(args.quiet, run)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.like is None):
+        _say("give what to look for (TEXT) or --like PHOTO, one of them (see search --help)")
+        return 2
+    settings = _settings_or_none(quiet=True)
+    if settings is None:
+        return 2
+    try:
+        index = read_index(args.index)
+        index.check_model(settings.clip_model, model_identity(settings.model_spec))
+        engine = load_engine(settings.model_spec, settings.device, settings.precision)
+        if args.like is not None:
+            limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+            image, problem = read_image(args.like, limits, engine.input_size)
+            if image is None:
+                _say(f"--like {args.like}: {problem}")
+                return 2
+            query = engine.encode_images(engine.prepare(image).unsqueeze(0))[0]
+        else:
+            query = engine.encode_texts([args.text])[0]
+    except (PhotoIndexError, SettingsError, ModelLoadError) as error:
+        _say(str(error))
+        return 2
+    matches = best_matches(index.embeddings, index.paths, query.numpy(), args.k)
+    if args.json:
+        print(json.dumps({"folder": str(index.folder),
+                          "matches": [{"path": match.path, "score": match.score} for match in matches]},
+                         ensure_ascii=False))
+    else:
+        for match in matches:
+            print(f"{match.score:.4f}\t{index.folder / match.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="clip-service command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_tag_command(commands)
+    add_index_command(commands)
+    add_search_command(commands)
     return parser
 
 

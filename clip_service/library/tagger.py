@@ -136,7 +136,8 @@ def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[],
     summary = Summary("tagged")
     spec = OutputSpec(options.output, options.fmt, CSV_HEADER, options.resume, options.overwrite)
     with open_output(spec) as (output, done):
-        candidates, pending = find_pending(options.folder, options.all_files, done, options.output)
+        own = (options.output,) if options.output else ()
+        candidates, pending = find_pending(options.folder, options.all_files, done, own)
         summary.done = len(candidates) - len(pending)
         log.info("%d of %d files to tag, writing to %s", len(pending), len(candidates),
                  options.output or "standard output")

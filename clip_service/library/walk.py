@@ -11,14 +11,16 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 
 
-def find_candidates(folder: Path, all_files: bool = False, exclude: Path | None = None) -> list[Path]:
+def find_candidates(folder: Path, all_files: bool = False, exclude: tuple[Path, ...] = ()) -> list[Path]:
     """Files under folder, relative to it, sorted by path; hidden folders and files are left out.
 
     Hidden names are skipped because they are tool droppings (`.thumbnails/`, macOS `._IMG_0001.JPG`
     resource forks), not photos. Symlinked folders are not entered (a link up the tree would loop
-    forever); symlinked files are read. `exclude` is the output file, which may live in the folder.
+    forever); symlinked files are read. `exclude` holds the run's own files (its output), which may live
+    in the folder.
     """
-    excluded = exclude.resolve() if exclude is not None else None
+    excluded = {path.resolve() for path in exclude}
+    excluded_names = {path.name for path in excluded}
     found = []
 
     def unreadable(error: OSError) -> None:
@@ -30,7 +32,7 @@ def find_candidates(folder: Path, all_files: bool = False, exclude: Path | None 
             path = Path(root, name)
             if name.startswith(".") or not (all_files or path.suffix.lower() in IMAGE_EXTENSIONS):
                 continue
-            if excluded is not None and name == excluded.name and path.resolve() == excluded:
+            if name in excluded_names and path.resolve() in excluded:
                 continue
             found.append(path.relative_to(folder))
     return sorted(found, key=lambda path: path.parts)
@@ -41,7 +43,7 @@ def record_key(relative: Path) -> str:
     return relative.as_posix()
 
 
-def find_pending(folder: Path, all_files: bool, done: set[str], exclude: Path | None = None,
+def find_pending(folder: Path, all_files: bool, done: set[str], exclude: tuple[Path, ...] = (),
                  ) -> tuple[list[Path], list[Path]]:
     """(candidates, pending): the files under folder, and those whose record_key is not in `done`.
 

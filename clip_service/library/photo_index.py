@@ -1,0 +1,130 @@
+"""The photo index file: every image's embedding with its path, the indexed folder and the model.
+
+One safetensors file: `embeddings`, (N, D) float32 unit vectors (exactly what /embed gives for each
+image), and `paths`, the N paths relative to the folder as file-system bytes joined by NUL (any file
+name survives, and no JSON header grows with the library). The metadata names the format, the model
+(CLIP_MODEL and the weights' identity) and the folder. Readers map the embeddings into memory
+read-only, so the server's workers share one copy through the page cache: 4 x D bytes per image
+(2 KiB for ViT-B/32's 512 dimensions) plus its path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+INDEX_FORMAT = "clip-service-photo-index-v1"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class PhotoIndexError(Exception):
+    """An index that cannot be used here; the message is one line that says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PhotoIndex:
+    """An index as read: paths[i] is the image whose unit embedding is embeddings[i]."""
+
+    file: Path
+    folder: Path  # the indexed folder, absolute
+    model: str  # CLIP_MODEL when it was made
+    model_identity: str  # engines.spec.model_identity of those weights
+    paths: tuple[str, ...]
+    embeddings: np.ndarray  # (N, D) float32, read-only
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        return {path: row for row, path in enumerate(self.paths)}
+
+    def check_model(self, model: str, model_identity: str) -> None:
+        """Refuse to compare this index's vectors with another model's: they mean nothing to each other."""
+        if model_identity == self.model_identity:
+            return
+        same_name = model == self.model
+        raise PhotoIndexError(
+            f"{self.file} was indexed with {'other weights of ' if same_name else ''}CLIP_MODEL={self.model}"
+            f"{'' if same_name else f', and this uses CLIP_MODEL={model}'}; an index only works with the "
+            f"model that made it: index again with `python -m clip_service index {self.folder} -o "
+            f"{self.file} --overwrite`{'' if same_name else f', or set CLIP_MODEL={self.model}'}")
+
+
+def write_index(file: Path, folder: Path, model: str, model_identity: str, paths: list[str],
+                embeddings: np.ndarray) -> None:
+    """Write atomically (a temporary file renamed over `file`): a reader never sees half an index."""
+    if len(paths) != len(embeddings) or embeddings.ndim != 2:
+        raise ValueError(f"{len(paths)} paths for embeddings of shape {embeddings.shape}")
+    joined = b"\0".join(os.fsencode(path) for path in paths)
+    tensors = {"embeddings": np.ascontiguousarray(embeddings, dtype="<f4"),
+               "paths": np.frombuffer(joined, dtype=np.uint8).copy()}
+    metadata = {"format": INDEX_FORMAT, "model": model, "model_identity": model_identity,
+                "folder": str(folder), "count": str(len(paths))}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, file)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def read_index(file: Path) -> PhotoIndex:
+    """The index in `file`, its embeddings memory-mapped; PhotoIndexError if it is not a usable index."""
+    file = Path(file)
+    try:
+        with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header_size = struct.unpack("<Q", handle.read(8))[0] if size >= 8 else -1
+            if not 0 < header_size <= min(MAX_HEADER_BYTES, size - 8):
+                raise PhotoIndexError(f"{file} is not a photo index (made by python -m clip_service index)")
+            header = json.loads(handle.read(header_size))
+            metadata = header.get("__metadata__") or {}
+            if metadata.get("format") != INDEX_FORMAT:
+                raise PhotoIndexError(f"{file} is not a photo index of this version ({INDEX_FORMAT}); make "
+                                      "it again with python -m clip_service index")
+            start = 8 + header_size
+            embeddings = _tensor(file, header, "embeddings", "F32", 2, start, size)
+            path_bytes = _tensor(file, header, "paths", "U8", 1, start, size)
+    except FileNotFoundError:
+        raise PhotoIndexError(f"{file} does not exist; make it with python -m clip_service index FOLDER "
+                              f"-o {file}") from None
+    except OSError as error:
+        raise PhotoIndexError(f"{file} cannot be read: {error.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        raise PhotoIndexError(f"{file} is damaged or not a photo index; make it again with python -m "
+                              "clip_service index") from None
+    data = bytes(path_bytes)
+    paths = tuple(os.fsdecode(part) for part in data.split(b"\0")) if data else ()
+    if len(paths) != len(embeddings):
+        raise PhotoIndexError(f"{file} is damaged: {len(paths)} paths for {len(embeddings)} embeddings")
+    return PhotoIndex(file.resolve(), Path(metadata["folder"]), metadata["model"], metadata["model_identity"],
+                      paths, embeddings)
+
+
+def _tensor(file: Path, header: dict, name: str, dtype: str, ndim: int, start: int,
+            size: int) -> np.ndarray:
+    """One tensor of the file, memory-mapped read-only after its place in the file is checked."""
+    entry = header[name]
+    shape = tuple(int(dimension) for dimension in entry["shape"])
+    begin, end = (int(offset) for offset in entry["data_offsets"])
+    item = {"F32": 4, "U8": 1}[dtype]
+    if (entry["dtype"] != dtype or len(shape) != ndim or end - begin != item * int(np.prod(shape))
+            or start + end > size or begin < 0):
+        raise ValueError(f"{name} is not a {dtype} tensor of {ndim} dimensions within the file")
+    if begin == end:
+        return np.zeros(shape, dtype="<f4" if dtype == "F32" else np.uint8)
+    return np.memmap(file, dtype="<f4" if dtype == "F32" else np.uint8, mode="r", offset=start + begin,
+                     shape=shape)
