@@ -31,6 +31,8 @@ BATCH_SIZE = Histogram("clip_batch_size", "Images per forward pass", buckets=BAT
 EMBEDDINGS = Counter("clip_embeddings_total", "Embeddings handed out by /embed", ["kind"])
 BATCH_REQUEST_FILES = Histogram("clip_batch_request_files", "Images per /analyze/batch request",
                                 buckets=BATCH_BUCKETS)
+SEARCH_INDEX_IMAGES = Gauge("clip_search_index_images", "Images in the photo index (SEARCH_INDEX)",
+                            multiprocess_mode="liveall")
 IN_FLIGHT = Gauge("clip_requests_in_flight", "Requests being handled (admission queue depth)",
                   multiprocess_mode="livesum")
 MODEL_INFO = Gauge("clip_model_info", "The loaded model (value 1), by model, device and label set",

@@ -13,8 +13,10 @@ from PIL import Image
 
 from clip_service import metrics
 from clip_service.engines.base import Engine
-from clip_service.errors import ServiceError
+from clip_service.errors import NotFound, ServiceError
 from clip_service.inputs.sources import ImageSources
+from clip_service.inputs.thumbnails import thumbnail_jpeg
+from clip_service.library.photo_index import PhotoIndex
 from clip_service.runtime.admission import Admission
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Health
@@ -22,6 +24,7 @@ from clip_service.runtime.host import ModelHost
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, ClassifyOptions, Prediction
 from clip_service.tasks.embed import Embedder
+from clip_service.tasks.search import Match, best_matches
 from clip_service.vocabulary.emoji import emoji_mapper
 
 
@@ -118,6 +121,28 @@ class ClipService:
             vectors = embedder.texts(texts, prompts, deadline)
         metrics.EMBEDDINGS.labels("text").inc(len(texts))
         return vectors
+
+    def photo_index(self) -> PhotoIndex:
+        """The loaded SEARCH_INDEX; NotFound when search is off, NotReady while the model loads."""
+        if self.settings.search_index is None:
+            raise NotFound("Photo search is off: the operator sets SEARCH_INDEX to an index made with "
+                           "python -m clip_service index FOLDER -o INDEX")
+        self.ready_classifier()
+        return self.host.photo_index
+
+    def search(self, query: torch.Tensor, k: int) -> list[Match]:
+        """The k indexed images nearest the (D,) unit `query`, best first."""
+        index = self.photo_index()
+        with metrics.timed("search"):
+            return best_matches(index.embeddings, index.paths, query.numpy(), k)
+
+    def thumbnail(self, path: str) -> bytes:
+        """A small JPEG of an indexed image; only paths the index holds, read beneath its folder."""
+        index = self.photo_index()
+        if path not in index.row_of:
+            raise NotFound(f"{path[:200]} is not in the photo index")
+        with metrics.timed("thumbnail"):
+            return thumbnail_jpeg(index.folder, path, self.images.limits)
 
     def _draft_size(self) -> tuple[int, int] | None:
         classifier = self.classifier

@@ -9,23 +9,32 @@ from __future__ import annotations
 import sys
 
 from clip_service.engines.base import ModelLoadError
+from clip_service.engines.spec import model_identity
 from clip_service.engines.weights import fetch_weights
+from clip_service.library.photo_index import PhotoIndexError, read_index
 from clip_service.settings import Settings, SettingsError, load_settings
 from clip_service.vocabulary.labels import LabelsError, load_labels, load_templates
 
 
 def preflight() -> Settings:
-    """Validated settings whose labels load and whose weights are on disk (downloading them)."""
+    """Validated settings whose labels load, whose weights are on disk (downloading them) and whose
+    photo index (SEARCH_INDEX) was made with CLIP_MODEL."""
     settings = load_settings()
     load_labels(settings.labels_dir)
     load_templates(settings.prompts_file, settings.prompt_template)
     fetch_weights(settings.model_spec)
+    if settings.search_index is not None:
+        try:
+            index = read_index(settings.search_index)
+            index.check_model(settings.clip_model, model_identity(settings.model_spec))
+        except PhotoIndexError as error:
+            raise PhotoIndexError(f"SEARCH_INDEX: {error}") from None
     return settings
 
 
 def preflight_or_exit() -> Settings:
     try:
         return preflight()
-    except (SettingsError, LabelsError, ModelLoadError) as error:
+    except (SettingsError, LabelsError, ModelLoadError, PhotoIndexError) as error:
         print(f"clip-service: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

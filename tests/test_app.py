@@ -19,7 +19,8 @@ from clip_service.service import ClipService
 ROUTES = {"/analyze": {"GET", "POST"}, "/health": {"GET"}, "/labels": {"GET"}, "/metrics": {"GET"},
           "/": {"GET"}, "/static/page.css": {"GET"}, "/static/page.js": {"GET"}, "/openapi.json": {"GET"},
           "/v3/analyze": {"GET", "POST"}, "/v2/analyze": {"GET"}, "/v2/analyze_file": {"GET"},
-          "/analyze/batch": {"POST"}, "/embed": {"GET", "POST"}}
+          "/analyze/batch": {"POST"}, "/embed": {"GET", "POST"}, "/search": {"GET", "POST"},
+          "/search/index": {"GET"}, "/search/thumbnail": {"GET"}}
 
 
 @pytest.fixture(scope="module")

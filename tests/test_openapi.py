@@ -14,14 +14,17 @@ import io
 import re
 import socket
 import threading
+import time
 from collections import Counter
-from urllib.parse import quote
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import hypothesis
 import jsonschema_rs
 import pytest
 import requests
 import schemathesis
+import torch
 from fake_engines import DeviceFaultEngine, EngineWrapper, SlowEngine, load_tiny_engine
 from PIL import Image
 from schemathesis.checks import not_a_server_error
@@ -35,9 +38,12 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
+from clip_service.engines.spec import model_identity
 from clip_service.http.access import OPEN_PATHS
+from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.limits import MULTIPART_OVERHEAD
 from clip_service.http.openapi import openapi_description
+from clip_service.library.photo_index import write_index
 from clip_service.settings import Settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -296,7 +302,29 @@ SCENARIOS = {
         ("POST", "/embed", uploads, 200),
         ("POST", "/embed", raw_png, 200),
         ("POST", "/embed", {"body": {"texts": []}, "media_type": "application/json"}, 400),
+        ("GET", "/search", get(q="red"), 404),  # no SEARCH_INDEX here
+        ("POST", "/search", upload, 404),
+        ("GET", "/search/index", {}, 404),
+        ("GET", "/search/thumbnail", get(path="photo.png"), 404),
         *[(method, path, NOT_UTF8, 400) for method, path in OPERATIONS],
+    ],
+    "search": [  # SEARCH_INDEX={tmp}/photos.clipindex of {tmp}, MAX_IMAGE_BYTES=LIMIT
+        ("GET", "/search", get(q="a red circle", k=3), 200),
+        ("GET", "/search", get(q="red", k=0), 400),
+        ("GET", "/search", {**get(q="red"), "late": True}, 504),
+        ("POST", "/search", upload, 200),
+        ("POST", "/search", raw_png, 200),
+        ("POST", "/search", form(file=b"not an image"), 400),
+        ("POST", "/search", form(file=b"x" * (LIMIT + 70_000)), 413),
+        ("POST", "/search", {**upload, "late": True}, 504),
+        ("GET", "/search/index", {}, 200),
+        ("GET", "/search/thumbnail", get(path="photo.png"), 200),
+        ("GET", "/search/thumbnail", get(path="big.png"), 413),
+        ("GET", "/search/thumbnail", get(path="link.png"), 403),
+        ("GET", "/search/thumbnail", get(path="absent.png"), 404),
+        ("GET", "/search/thumbnail", get(path="../photo.png"), 404),
+        ("GET", "/search/thumbnail", get(path=""), 400),
+        ("GET", "/search/thumbnail", {**get(path="photo.png"), "late": True}, 504),
     ],
     "fetching": [  # URL_ALLOWLIST=127.0.0.1 and MAX_IMAGE_BYTES=LIMIT, a server with a small and a big image
         ("GET", "/v2/analyze", get(image_url="{server}/photo.png"), 200),
@@ -326,6 +354,10 @@ SCENARIOS = {
         ("POST", "/analyze/batch", uploads, 401),
         ("GET", "/embed", get(text="cat"), 401),
         ("POST", "/embed", json_texts, 401),
+        ("GET", "/search", get(q="red"), 401),
+        ("POST", "/search", upload, 401),
+        ("GET", "/search/index", {}, 401),
+        ("GET", "/search/thumbnail", get(path="photo.png"), 401),
     ],
     "loading": [
         ("GET", "/health", {}, 503),
@@ -335,6 +367,10 @@ SCENARIOS = {
         ("POST", "/analyze/batch", uploads, 503),
         ("GET", "/embed", get(text="cat"), 503),
         ("POST", "/embed", json_texts, 503),
+        ("GET", "/search", get(q="red"), 503),
+        ("POST", "/search", upload, 503),
+        ("GET", "/search/index", {}, 503),
+        ("GET", "/search/thumbnail", get(path="photo.png"), 503),
     ],
     "failed": [
         ("GET", "/health", {}, 503),
@@ -363,9 +399,26 @@ for _rows in SCENARIOS.values():
     _rows += aliases(_rows)
 
 
+WITH_INDEX = {"search", "keyed", "loading"}
+
+
+def photo_index(settings, folder) -> Path:
+    """An index of the tiny model over folder: a photo, one too big, one that leads outside, one gone."""
+    (folder / "link.png").symlink_to("/etc/hostname")
+    paths = ["absent.png", "big.png", "link.png", "photo.png"]
+    vectors = torch.nn.functional.normalize(torch.randn(len(paths), 32), dim=-1).numpy()
+    index = folder / "photos.clipindex"
+    write_index(index, folder, settings.clip_model, model_identity(settings.model_spec), paths, vectors)
+    return index
+
+
 def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
     """The app of a scenario, and what to do once its requests are sent."""
     replace = dataclasses.replace
+    if name in WITH_INDEX:
+        settings = replace(settings, search_index=photo_index(settings, tmp_path))
+    if name == "search":
+        return make_app(replace(settings, max_image_bytes=LIMIT), engine=tiny_engine), None
     if name == "small":
         return make_app(replace(settings, max_image_bytes=LIMIT), engine=tiny_engine), None
     if name == "keyed":
@@ -391,11 +444,13 @@ def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
     return make_app(settings, engine=tiny_engine), None
 
 
-def send_raw_query(app, method: str, path: str, raw: bytes) -> schemathesis.Response:
+def send_raw_query(app, method: str, path: str, raw: bytes, environ: dict | None = None,
+                   ) -> schemathesis.Response:
     """The answer to a query string of raw bytes (as WSGI passes it: decoded as Latin-1), as schemathesis
-    records answers; werkzeug's own record of such a request cannot be read back."""
+    records answers; werkzeug's own record of such a request cannot be read back. `environ` adds to
+    the WSGI environ."""
     files = {"data": {"file": (io.BytesIO(PNG), "x.png")}} if method == "POST" else {}
-    environ = {"QUERY_STRING": raw.decode("latin-1")}
+    environ = {"QUERY_STRING": raw.decode("latin-1"), **(environ or {})}
     answer = app.test_client().open(path, method=method, environ_overrides=environ, **files)
     sent = requests.Request(method, f"http://localhost{path}?{quote(raw, safe='=&')}").prepare()
     headers = {name: answer.headers.getlist(name) for name, _ in answer.headers}
@@ -430,6 +485,10 @@ def test_every_documented_answer_matches(scenario, make_app, settings, tiny_engi
             case = api[path][method].Case(query=query, headers=request.get("headers"), **body)
             if "raw_query" in request:  # beyond what a Case can send: through Flask's client, checked alike
                 answer = send_raw_query(app, method, path, request["raw_query"])
+                case.validate_response(answer, checks=CHECKS)
+            elif request.get("late"):  # arrived REQUEST_TIMEOUT ago, as the front door would stamp it
+                raw = urlencode(query, doseq=True).encode()
+                answer = send_raw_query(app, method, path, raw, {ARRIVED_KEY: time.monotonic() - 3600})
                 case.validate_response(answer, checks=CHECKS)
             else:
                 answer = case.call_and_validate(checks=CHECKS)

@@ -16,6 +16,7 @@ from clip_service.http.limits import MULTIPART_OVERHEAD, body_limits
 from clip_service.http.logs import configure_logging, install_request_logging
 from clip_service.http.openapi import openapi_bp
 from clip_service.http.page import page_bp
+from clip_service.http.search import search_bp
 from clip_service.http.status import status_bp
 from clip_service.service import ClipService
 from clip_service.settings import Settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     app.register_blueprint(errors_bp)  # then the UTF-8 check, before access control
     app.register_blueprint(analyze_bp)
     app.register_blueprint(embed_bp)
+    app.register_blueprint(search_bp)
     app.register_blueprint(status_bp)
     install_access_control(app, settings.api_key, settings.cors_origins, settings.answered_hosts)
     app.register_blueprint(page_bp)

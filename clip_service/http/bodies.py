@@ -8,10 +8,12 @@ import torch
 
 from clip_service.engines.spec import public_model_name
 from clip_service.errors import ServiceError
+from clip_service.library.photo_index import PhotoIndex
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
 from clip_service.tasks.classify import Classifier, Prediction
 from clip_service.tasks.embed import Embedder, base64_rows, float_lists
+from clip_service.tasks.search import Match
 
 
 def prediction_body(prediction: Prediction) -> dict:
@@ -58,6 +60,24 @@ def embed_body(vectors: torch.Tensor, encoding: str, embedder: Embedder, process
         "embeddings": base64_rows(vectors) if encoding == "base64" else float_lists(vectors),
         "metadata": {"processing_time": processing_time, "model_info": model_info},
     }
+
+
+def search_body(matches: list[Match], index: PhotoIndex, embedder: Embedder, processing_time: float) -> dict:
+    """/search: the best matches first, paths relative to the indexed folder."""
+    return {
+        "service": "clip",
+        "status": "success",
+        "matches": [{"path": match.path, "score": match.score} for match in matches],
+        "metadata": {"processing_time": processing_time, "index_size": len(index.paths),
+                     "model_info": model_info_body(embedder.classifier)},
+    }
+
+
+def index_body(index: PhotoIndex) -> dict:
+    """/search/index: what the photo index holds (never where it is on the server)."""
+    return {"service": "clip", "status": "success",
+            "index": {"images": len(index.paths), "dimensions": index.dimensions,
+                      "model": public_model_name(index.model)}}
 
 
 def error_body(message: str, processing_time: float) -> dict:

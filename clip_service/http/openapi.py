@@ -14,9 +14,12 @@ from flask import Blueprint, current_app, jsonify
 
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
 from clip_service.http.page import ASSETS
+from clip_service.http.search import MAX_QUERY_CHARACTERS
+from clip_service.inputs.thumbnails import THUMBNAIL_SIDE
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
 from clip_service.settings import Settings
 from clip_service.tasks.embed import ENCODINGS as EMBEDDING_ENCODINGS
+from clip_service.tasks.search import DEFAULT_RESULTS, MAX_RESULTS
 
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1.0.0"
@@ -112,6 +115,30 @@ def _schemas(settings: Settings) -> dict:
                 }),
             }),
         }, description="Every 200 answer of /embed."),
+        "SearchSuccess": _exact({
+            "service": _const("clip"),
+            "status": _const("success"),
+            "matches": {"type": "array", "maxItems": MAX_RESULTS, "items": _exact({
+                "path": {"type": "string", "description": "Relative to the indexed folder, with `/`."},
+                "score": {"type": "number", "minimum": -1, "maximum": 1,
+                          "description": "Cosine similarity to the query, 4 decimals; higher is closer."},
+            }), "description": "The best matches first, at most `k`."},
+            "metadata": _exact({
+                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
+                "index_size": {"type": "integer", "minimum": 0, "description": "Images searched."},
+                "model_info": _ref("schemas", "ModelInfo"),
+            }),
+        }, description="Every 200 answer of /search."),
+        "SearchIndex": _exact({
+            "service": _const("clip"),
+            "status": _const("success"),
+            "index": _exact({
+                "images": {"type": "integer", "minimum": 0},
+                "dimensions": {"type": "integer", "minimum": 1},
+                "model": {"type": "string", "description": "The CLIP_MODEL that made the index (a local-dir: "
+                                                           "model by its folder's name)."},
+            }),
+        }),
         "Error": _exact({
             "service": _const("clip"),
             "status": _const("error"),
@@ -188,6 +215,10 @@ def _error_responses() -> dict:
                             "unspecified address not in URL_ALLOWLIST."),
         "NotFound": _error("`file` (or `file_path`) does not exist; any path this description does not "
                            "name."),
+        "SearchOff": _error("Photo search is off: SEARCH_INDEX is not set."),
+        "NotIndexed": _error("Photo search is off (SEARCH_INDEX is not set), the path is not in the index, "
+                             "or its file is no longer in the indexed folder."),
+        "ThumbnailForbidden": _error("The indexed path now leads outside the indexed folder (a symlink)."),
         "MethodNotAllowed": _error(
             "A method the route does not take (every route answers it so).",
             {"Allow": {"description": "The methods the route takes.", "required": True,
@@ -234,7 +265,8 @@ def _option_properties(settings: Settings) -> dict:
             for p in _option_parameters(settings, "query")}
 
 
-def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") -> dict:
+def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString",
+               overrides: dict[str, str] | None = None) -> dict:
     """200, and 400 and the other error answers named by their codes.
 
     Every route answers 400 for a raw query string that is not UTF-8 (errors._query_string_is_utf8);
@@ -243,6 +275,7 @@ def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString") 
     names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
              "413": "PayloadTooLarge", "500": "InternalError", "502": "BadGateway", "503": "Unavailable",
              "504": "Timeout"}
+    names.update(overrides or {})
     return {"200": success, **{code: _ref("responses", names[code]) for code in ("400", *codes)}}
 
 
@@ -405,6 +438,64 @@ def _embed_post(settings: Settings) -> dict:
     }
 
 
+def _search_thumbnail() -> dict:
+    return {
+        "operationId": "searchThumbnail", "tags": ["search"],
+        "summary": "A small JPEG of an indexed photo (for search results)",
+        "description": f"At most {THUMBNAIL_SIDE} pixels on its longer side. Only paths the index holds, "
+                       "read beneath the indexed folder with the same checks as `file`.",
+        "parameters": [{"name": "path", "in": "query", "required": True,
+                        "description": "A `path` from a /search answer.",
+                        "schema": {"type": "string", "minLength": 1}, "example": "holiday/beach.jpg"}],
+        "responses": _responses(
+            "401", "403", "404", "413", "500", "503", "504",
+            overrides={"403": "ThumbnailForbidden", "404": "NotIndexed"}, bad_request="BadRequest",
+            success={"description": "The thumbnail.",
+                     "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}),
+    }
+
+
+def _search_get() -> dict:
+    return {
+        "operationId": "searchByText", "tags": ["search"],
+        "summary": "The indexed photos that best match a description",
+        "parameters": [
+            {"name": "q", "in": "query", "required": True,
+             "description": f"What to look for, at most {MAX_QUERY_CHARACTERS} characters.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARACTERS},
+             "example": "a dog on a beach"},
+            _results_parameter(),
+        ],
+        "responses": _responses("401", "404", "500", "503", "504", overrides={"404": "SearchOff"},
+                                success=_json(_ref("schemas", "SearchSuccess"), "The best matches."),
+                                bad_request="BadRequest"),
+    }
+
+
+def _results_parameter() -> dict:
+    return {"name": "k", "in": "query", "required": False, "description": "How many matches.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RESULTS, "default": DEFAULT_RESULTS}}
+
+
+def _search_post(settings: Settings) -> dict:
+    return {
+        "operationId": "searchByPhoto", "tags": ["search"],
+        "summary": "The indexed photos that look most like an uploaded photo",
+        "description": "The photo is the multipart field `file`, or the whole body (Content-Type "
+                       "`image/...` or `application/octet-stream`).",
+        "parameters": [_results_parameter()],
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": _image_field(settings)}}},
+            "image/*": _raw_image(settings),
+            "application/octet-stream": _raw_image(settings),
+        }},
+        "responses": _responses("401", "404", "413", "500", "503", "504", overrides={"404": "SearchOff"},
+                                success=_json(_ref("schemas", "SearchSuccess"), "The best matches."),
+                                bad_request="BadRequest"),
+    }
+
+
 def openapi_description(settings: Settings | None = None) -> dict:
     """The OpenAPI 3 description of the service configured by `settings` (default: the defaults)."""
     settings = settings or Settings()
@@ -459,6 +550,14 @@ def openapi_description(settings: Settings | None = None) -> dict:
             "/v2/analyze_file": {"get": _analyze_get(settings, "analyzeFileV2", None, "file_path", ALIAS)},
             "/analyze/batch": {"post": _analyze_batch(settings)},
             "/embed": {"get": _embed_get(settings), "post": _embed_post(settings)},
+            "/search": {"get": _search_get(), "post": _search_post(settings)},
+            "/search/index": {"get": {
+                "operationId": "searchIndex", "tags": ["search"], "summary": "What the photo index holds",
+                "responses": _responses("401", "404", "500", "503",
+                                        success=_json(_ref("schemas", "SearchIndex"), "The index."),
+                                        overrides={"404": "SearchOff"}),
+            }},
+            "/search/thumbnail": {"get": _search_thumbnail()},
             "/labels": {"get": {
                 "operationId": "labels", "tags": ["vocabulary"],
                 "summary": "The loaded labels by group, with emoji, templates and version",

@@ -2,7 +2,8 @@
 
 Loading runs in a background thread so `/health` can say "loading" instead of the port hanging, and a
 failed load is reported as failed, never as healthy. Once loaded, the host runs the micro-batcher, the
-health canary and (CLIP_LABELS_WATCH) the labels watcher, and reloads the labels when asked.
+health canary and (CLIP_LABELS_WATCH) the labels watcher, and reloads the labels when asked. With
+SEARCH_INDEX it also loads the photo index, which must come from the same model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Protocol
 from clip_service import metrics
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, load_engine
-from clip_service.engines.spec import public_model_name
+from clip_service.engines.spec import model_identity, public_model_name
 from clip_service.errors import NotReady
+from clip_service.library.photo_index import PhotoIndex, read_index
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
@@ -50,6 +52,7 @@ class ModelHost:
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
         self.embedder: Embedder | None = None
+        self.photo_index: PhotoIndex | None = None  # SEARCH_INDEX, once loaded
         self._engine = engine
         self._reloader: LabelReloader | None = None
         self._model_info = metrics.ModelInfo()
@@ -114,6 +117,8 @@ class ModelHost:
         self.batcher, self.embedder, self.classifier = batcher, embedder, classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
+        if settings.search_index is not None:
+            self.photo_index = load_photo_index(settings)
         if settings.health_canary_seconds > 0:
             self._keep(Canary(classifier.image_features, engine.input_size, settings.health_canary_seconds,
                               settings.request_timeout, self.health), start=True)
@@ -139,3 +144,17 @@ class ModelHost:
         engine = self.classifier.engine
         self._model_info.publish(public_model_name(engine.name), engine.weights_source, engine.device_name,
                                  vocabulary.version, len(vocabulary.label_set))
+
+
+def load_photo_index(settings: Settings) -> PhotoIndex:
+    """SEARCH_INDEX, checked against CLIP_MODEL (PhotoIndexError otherwise), its vectors read once.
+
+    Reading every page now puts the vectors in the page cache (shared by the workers), so the first
+    search is as fast as the others.
+    """
+    index = read_index(settings.search_index)
+    index.check_model(settings.clip_model, model_identity(settings.model_spec))
+    float(index.embeddings.sum())  # touch every page
+    metrics.SEARCH_INDEX_IMAGES.set(len(index.paths))
+    log.info("Photo index %s: %d images of %s", settings.search_index, len(index.paths), index.folder)
+    return index

@@ -1,0 +1,42 @@
+"""Small JPEG previews of indexed photos for the page's search results, read as safely as `file=`.
+
+A thumbnail is served only for a path the photo index holds, and the file is opened beneath the
+indexed folder by the same code as `file=` (realpath check, then openat2 RESOLVE_BENEATH), so neither
+`..` nor a symlink swapped in later reaches anything outside that folder.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from clip_service.errors import Forbidden, NotFound, ServiceError
+from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file
+
+THUMBNAIL_SIDE = 256  # pixels, the longer side
+JPEG_QUALITY = 82
+
+
+def thumbnail_jpeg(folder: Path, relative: str, limits: ImageLimits, side: int = THUMBNAIL_SIDE) -> bytes:
+    """The image at folder/relative, at most side x side pixels, as JPEG bytes.
+
+    Errors name the path as the client gave it, never the server's folder.
+    """
+    raw = str(folder / relative)
+    try:
+        real = check_file_access(raw, (folder,), private=False)
+        image = decode_image(read_file(raw, real, limits.max_bytes, (folder,)), limits, (side, side))
+    except Forbidden:
+        raise Forbidden(f"{relative} leads outside the indexed folder") from None
+    except NotFound:
+        raise NotFound(f"{relative} is no longer in the indexed folder; index it again") from None
+    except ServiceError as error:
+        if str(folder) in error.message:
+            raise type(error)(f"{relative} cannot be read") from None
+        raise
+    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()

@@ -1,0 +1,177 @@
+"""/search, /search/index and /search/thumbnail through Flask's test client, on the colour-trained model.
+
+(tests/test_search_serving.py runs the same through CLIP.sh and the web page in chromium.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+import pytest
+from PIL import Image
+from test_routes import assert_error
+from trained_clip import COLOURS, draw_picture, write_pictures
+
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.library import indexer
+from clip_service.library.indexer import IndexOptions
+from clip_service.settings import Settings
+
+PER_COLOUR = 6
+SEARCH_KEYS = {"service", "status", "matches", "metadata"}
+
+
+@pytest.fixture(scope="module")
+def indexed(trained_model_dir, tmp_path_factory):
+    """(folder, index file): 8 colours x 6 unseen pictures, indexed with the trained model."""
+    root = tmp_path_factory.mktemp("search")
+    folder = root / "photos"
+    write_pictures(folder, COLOURS, PER_COLOUR)
+    engine = load_engine(parse_model_spec(f"local-dir:{trained_model_dir}"), "cpu", "fp32")
+    output = root / "photos.clipindex"
+    indexer.run(IndexOptions(folder, output), Settings(clip_model=f"local-dir:{trained_model_dir}"),
+                lambda: engine)
+    return folder, output
+
+
+@pytest.fixture
+def search_settings(settings, trained_model_dir, indexed):
+    return dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}", search_index=indexed[1])
+
+
+@pytest.fixture
+def client(make_app, search_settings):
+    return make_app(search_settings).test_client()
+
+
+def matches_of(response) -> list[dict]:
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert set(body) == SEARCH_KEYS and (body["service"], body["status"]) == ("clip", "success")
+    assert set(body["metadata"]) == {"processing_time", "index_size", "model_info"}
+    assert body["metadata"]["index_size"] == len(COLOURS) * PER_COLOUR
+    scores = [match["score"] for match in body["matches"]]
+    assert scores == sorted(scores, reverse=True)
+    return body["matches"]
+
+
+def colours(matches: list[dict]) -> list[str]:
+    return [match["path"].split("/")[0] for match in matches]
+
+
+def png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_red_circle_finds_the_red_pictures(client, indexed):
+    matches = matches_of(client.get("/search", query_string={"q": "a red circle", "k": 5}))
+    assert colours(matches) == ["red"] * 5
+    assert all(not match["path"].startswith("/") and ".." not in match["path"] for match in matches)
+    for colour in ("green", "blue", "pink"):
+        assert colours(matches_of(client.get("/search", query_string={"q": f"a {colour} square",
+                                                                      "k": 3}))) == [colour] * 3
+    assert len(matches_of(client.get("/search?q=red"))) == 10  # the default k
+
+
+def test_a_photo_finds_photos_like_it(client):
+    blue = png(draw_picture("blue", "triangle", 96, seed=4242))
+    by_form = matches_of(client.post("/search?k=4", data={"file": (io.BytesIO(blue), "q.png")},
+                                     content_type="multipart/form-data"))
+    assert colours(by_form) == ["blue"] * 4
+    by_body = matches_of(client.post("/search", data=blue, content_type="image/png",
+                                     query_string={"k": 4}))
+    assert by_body == by_form
+
+
+def test_answers_never_show_the_servers_folder(client, indexed):
+    folder = str(indexed[0])
+    for response in (client.get("/search?q=red"), client.get("/search/index"),
+                     client.get("/search/thumbnail?path=nope.png"),
+                     client.get("/search/thumbnail?path=../secret.png")):
+        assert folder.encode() not in response.data and str(indexed[1]).encode() not in response.data
+    info = client.get("/search/index").get_json()
+    assert info == {"service": "clip", "status": "success",
+                    "index": {"images": len(COLOURS) * PER_COLOUR, "dimensions": 64,
+                              "model": info["index"]["model"]}}
+    assert info["index"]["model"].count("/") == 0
+
+
+def test_thumbnails_of_indexed_photos(client):
+    response = client.get("/search/thumbnail", query_string={"path": "red/0.png"})
+    assert response.status_code == 200 and response.mimetype == "image/jpeg"
+    assert response.headers["Cache-Control"] == "private, max-age=3600"
+    image = Image.open(io.BytesIO(response.data))
+    assert image.format == "JPEG" and max(image.size) <= 256
+    red, green, blue = image.convert("RGB").resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    assert red > green and red > blue  # the red picture, not another
+
+
+def test_thumbnails_only_for_indexed_paths_beneath_the_folder(client, indexed, tmp_path):
+    folder = indexed[0]
+    assert_error(client.get("/search/thumbnail", query_string={"path": "../photos.clipindex"}), 404,
+                 "not in the photo index")
+    assert_error(client.get("/search/thumbnail", query_string={"path": "/etc/passwd"}), 404)
+    assert_error(client.get("/search/thumbnail"), 400, "Give path")
+    secret = tmp_path / "secret.png"
+    draw_picture("red", "circle").save(secret)
+    victim = folder / "red" / "5.png"
+    saved = victim.read_bytes()
+    victim.unlink()
+    try:
+        assert_error(client.get("/search/thumbnail?path=red/5.png"), 404, "red/5.png is no longer in the "
+                     "indexed folder")
+        os.symlink(secret, victim)  # a link swapped in after indexing, leading outside the folder
+        message = assert_error(client.get("/search/thumbnail?path=red/5.png"), 403,
+                               "red/5.png leads outside the indexed folder")
+        assert str(folder) not in message
+    finally:
+        victim.unlink(missing_ok=True)
+        victim.write_bytes(saved)
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ({}, "Give q"),
+    ({"q": "   "}, "Give q"),
+    ({"q": "x" * 301}, "the limit is 300"),
+    ({"q": "red", "k": "0"}, "k="),
+    ({"q": "red", "k": "101"}, "k="),
+    ({"q": ["red", "blue"]}, "Give q only once"),
+])
+def test_bad_searches_are_400(client, query, fragment):
+    assert_error(client.get("/search", query_string=query), 400, fragment)
+
+
+def test_bad_posts_are_400(client):
+    assert_error(client.post("/search?q=red", data=b"x", content_type="image/png"), 400, "not both")
+    assert_error(client.post("/search", data=b"not an image", content_type="image/png"), 400, "Not an image")
+    assert_error(client.post("/search", data={"other": "x"}, content_type="multipart/form-data"), 400,
+                 "no field named file")
+
+
+def test_search_off_is_404_naming_the_setting(make_app, settings):
+    client = make_app(settings).test_client()
+    for response in (client.get("/search?q=red"), client.get("/search/index"),
+                     client.get("/search/thumbnail?path=a.png"),
+                     client.post("/search", data=b"x", content_type="image/png")):
+        assert_error(response, 404, "Photo search is off", "SEARCH_INDEX")
+
+
+def test_an_index_of_another_model_fails_the_load_clearly(make_app, settings, indexed):
+    app = make_app(dataclasses.replace(settings, search_index=indexed[1]))  # the tiny model
+    health = app.test_client().get("/health")
+    assert health.status_code == 503 and health.get_json()["model_status"] == "failed"
+    assert "was indexed with CLIP_MODEL=" in health.get_json()["error"]
+
+
+def test_thumbnails_need_the_key_like_every_route(make_app, search_settings):
+    client = make_app(dataclasses.replace(search_settings, api_key="k3y")).test_client()
+    assert_error(client.get("/search/thumbnail?path=red/0.png"), 401)
+    answer = client.get("/search/thumbnail?path=red/0.png", headers={"Authorization": "Bearer k3y"})
+    assert answer.status_code == 200
+    foreign = {"Authorization": "Bearer k3y", "Sec-Fetch-Site": "cross-site"}  # another site's <img>
+    assert client.get("/search/thumbnail?path=red/0.png", headers=foreign).status_code == 403
