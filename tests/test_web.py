@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from system_tools import find_program, unavailable
-from trained_clip import COLOURS, draw_picture, write_labels
+from trained_clip import COLOURS, draw_picture, write_labels, write_pictures
 from werkzeug.serving import make_server
 
 from clip_service.http.page import SECURITY_HEADERS
@@ -183,6 +183,51 @@ def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
         page.fill("#key", "s3cret")
         page.set_input_files("#file", str(photo))
         page.locator("#predictions li.row").nth(9).wait_for(timeout=30_000)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_search_box_without_a_photo_index(page):
+    page.locator("#status").wait_for()
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#search-card").is_hidden()
+
+
+def test_the_search_box_shows_the_matching_photos(page, make_app, settings, trained_model_dir, tmp_path):
+    """With SEARCH_INDEX (and an API key, so thumbnails must be fetched with it) the page finds photos."""
+    from clip_service.engines.registry import load_engine
+    from clip_service.engines.spec import parse_model_spec
+    from clip_service.library import indexer
+
+    folder = tmp_path / "photos"
+    write_pictures(folder, COLOURS, 3)
+    model = f"local-dir:{trained_model_dir}"
+    engine = load_engine(parse_model_spec(model), "cpu", "fp32")
+    index = tmp_path / "photos.clipindex"
+    indexer.run(indexer.IndexOptions(folder, index), dataclasses.replace(settings, clip_model=model),
+                lambda: engine)
+    server = serve(make_app(dataclasses.replace(settings, clip_model=model, search_index=index,
+                                                api_key="s3cret")))
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_port}/")
+        info = page.locator("#search-info", has_text="API key")
+        info.wait_for(timeout=30_000)
+        page.fill("#key", "s3cret")
+        page.locator("#key").dispatch_event("change")
+        page.locator("#search-info", has_text=f"{len(COLOURS) * 3} photos indexed").wait_for(timeout=30_000)
+        page.fill("#search-q", "a red circle")
+        page.click("#search-button")
+        items = page.locator("#search-results li")
+        items.nth(11).wait_for(timeout=30_000)
+        captions = [items.nth(i).locator("figcaption").inner_text() for i in range(3)]
+        assert all(caption.startswith("red/") for caption in captions), captions
+        for i in range(12):
+            image = items.nth(i).locator("img")
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                                   timeout=30_000)
+            assert image.get_attribute("src").startswith("blob:")
+        assert str(folder) not in page.content()
     finally:
         server.shutdown()
         server.server_close()

@@ -149,6 +149,116 @@
     if (url) analyzeUrl(url);
   });
 
+  // --- photo search (shown only when the service has a photo index: SEARCH_INDEX) ---
+  const searchCard = $("search-card"), searchForm = $("search-form"), searchInput = $("search-q");
+  const searchButton = $("search-button"), searchStatus = $("search-status");
+  const gallery = $("search-results"), searchInfo = $("search-info");
+  const THUMBNAIL_FETCHES = 4;  // at a time: each is a request the service admits like any other
+  let searchController = null, thumbnailUrls = [];
+
+  function authHeaders() {
+    const key = keyInput.value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
+  }
+
+  function setSearchStatus(text, kind) {
+    searchStatus.textContent = text;
+    searchStatus.className = "status" + (kind ? " " + kind : "");
+  }
+
+  async function showSearchIfIndexed() {
+    let response;
+    try { response = await fetch("search/index", { headers: authHeaders() }); } catch (e) { return; }
+    if (response.status === 401) {
+      searchCard.hidden = false;
+      searchInfo.textContent = "This service asks for an API key (above) before it searches.";
+      keyBox.open = true;
+      return;
+    }
+    if (!response.ok) return;  // 404: no photo index on this service
+    const body = await response.json();
+    searchCard.hidden = false;
+    searchInfo.textContent = body.index.images + " photos indexed. Describe one to find it.";
+  }
+
+  async function loadThumbnails(items, signal) {
+    let next = 0;
+    async function worker() {
+      while (next < items.length && !signal.aborted) {
+        const { img, path } = items[next++];
+        try {
+          const response = await fetch("search/thumbnail?path=" + encodeURIComponent(path),
+                                       { headers: authHeaders(), signal });
+          if (!response.ok) { img.alt = "No preview of " + path; continue; }
+          const url = URL.createObjectURL(await response.blob());
+          thumbnailUrls.push(url);
+          img.src = url;
+        } catch (e) { if (signal.aborted) return; img.alt = "No preview of " + path; }
+      }
+    }
+    await Promise.all(Array.from({ length: THUMBNAIL_FETCHES }, worker));
+  }
+
+  function renderMatches(matches, signal) {
+    gallery.replaceChildren();
+    const items = [];
+    for (const match of matches) {
+      const item = document.createElement("li");
+      const figureEl = document.createElement("figure");
+      const img = document.createElement("img");
+      img.alt = match.path;
+      const cap = document.createElement("figcaption");
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = match.score.toFixed(3);
+      cap.append(document.createTextNode(match.path + " · "), score);
+      figureEl.append(img, cap);
+      item.append(figureEl);
+      gallery.append(item);
+      items.push({ img, path: match.path });
+    }
+    loadThumbnails(items, signal);
+  }
+
+  async function search(text) {
+    if (searchController) searchController.abort();
+    const mine = searchController = new AbortController();
+    for (const url of thumbnailUrls) URL.revokeObjectURL(url);
+    thumbnailUrls = [];
+    gallery.replaceChildren();
+    searchButton.disabled = true;
+    setSearchStatus("Searching…", "busy");
+    let response, body = null;
+    try {
+      response = await fetch("search?k=12&q=" + encodeURIComponent(text), { headers: authHeaders(), signal: mine.signal });
+      try { body = await response.json(); } catch (e) { body = null; }
+    } catch (error) {
+      if (!mine.signal.aborted) setSearchStatus("Could not reach the service; try again.", "error");
+      return;
+    } finally {
+      if (searchController === mine) searchButton.disabled = false;
+    }
+    if (mine.signal.aborted) return;
+    if (response.ok && body && body.status === "success") {
+      setSearchStatus(body.matches.length ? "Best matches first (score: similarity to your words)."
+                                          : "The index is empty.");
+      renderMatches(body.matches, mine.signal);
+      return;
+    }
+    if (response.status === 401) { keyBox.open = true; keyInput.focus(); }
+    const message = body && body.error && body.error.message;
+    setSearchStatus(message ? "Sorry, that did not work: " + message
+                            : "Sorry, the service answered with an error (HTTP " + response.status + ").", "error");
+  }
+
+  searchForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = searchInput.value.trim();
+    if (text) search(text);
+  });
+  keyInput.addEventListener("change", showSearchIfIndexed);
+  showSearchIfIndexed();
+
   document.addEventListener("paste", (event) => {
     const items = event.clipboardData ? [...event.clipboardData.files] : [];
     const image = items.find((file) => file.type.startsWith("image/"));
