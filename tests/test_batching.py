@@ -138,3 +138,59 @@ def test_without_arrivals_a_lone_input_does_not_wait(batchers):
     began = time.monotonic()
     batcher.submit(item(1.0), time.monotonic() + 10)
     assert time.monotonic() - began < 1.0
+
+
+def group(*values: float) -> torch.Tensor:
+    return torch.stack([item(value) for value in values])  # (N, 3, 2, 2)
+
+
+def test_a_requests_group_is_one_pass_even_past_max_batch(batchers):
+    batcher = batchers(features_of, max_batch=4, max_wait_s=0.0)
+    features = batcher.submit_many(group(*map(float, range(6))), time.monotonic() + 5)
+    assert features[:, 0].tolist() == [float(value) for value in range(6)]
+    assert list(batcher.batch_sizes) == [6]
+
+
+def test_groups_share_a_pass_only_when_both_fit(batchers):
+    gate, passes = threading.Event(), []
+
+    def gated(pixels):
+        passes.append(features_of(pixels)[:, 0].tolist())
+        gate.wait(10)
+        return features_of(pixels)
+
+    batcher = batchers(gated, max_batch=4, max_wait_s=0.0)
+    results = {}
+
+    def submit(name, values):
+        results[name] = batcher.submit_many(group(*values), time.monotonic() + 10)[:, 0].tolist()
+
+    first = threading.Thread(target=submit, args=("first", (1.0,)))
+    first.start()
+    while not passes:  # the batcher is inside the first pass; the next three wait in the queue
+        time.sleep(0.01)
+    others = [threading.Thread(target=submit, args=(name, values)) for name, values in
+              (("a", (2.0, 3.0)), ("b", (4.0, 5.0, 6.0)), ("c", (7.0,)))]
+    for thread in others:
+        thread.start()
+        time.sleep(0.05)  # queued in this order
+    gate.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert results == {"first": [1.0], "a": [2.0, 3.0], "b": [4.0, 5.0, 6.0], "c": [7.0]}
+    assert passes == [[1.0], [2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]  # b did not fit beside a: it led the next
+
+
+def test_out_of_memory_halves_one_requests_group(batchers):
+    tried = []
+
+    def small_memory(pixels):
+        tried.append(len(pixels))
+        if len(pixels) > 2:
+            raise EngineOutOfMemory("out of memory")
+        return features_of(pixels)
+
+    batcher = batchers(small_memory, max_batch=8, max_wait_s=0.0)
+    features = batcher.submit_many(group(*map(float, range(5))), time.monotonic() + 5)
+    assert features[:, 0].tolist() == [float(value) for value in range(5)]
+    assert tried == [5, 2, 3, 1, 2] and list(batcher.batch_sizes) == [2, 1, 2]
