@@ -30,7 +30,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ROOT, git_state, log, service_server, start  # noqa: E402  (bench/ runs as a script)
 
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from tiny_clip import TINY_CONFIG, write_tiny_clip  # noqa: E402
 
 from clip_service.engines.spec import model_identity, parse_model_spec  # noqa: E402

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from clip_service.engines.base import Engine
+from clip_service.runtime.cores import map_on_cores
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.labels import LabelSet
@@ -122,8 +123,8 @@ class Classifier:
 
     def many_image_features(self, images: list[Image.Image], deadline: float | None = None,
                             ) -> torch.Tensor:
-        """(N, D) unit features of several images, in one forward pass."""
-        pixels = torch.stack([self.engine.prepare(image) for image in images])  # (N, 3, H, W)
+        """(N, D) unit features of several images, in one forward pass (resized in parallel)."""
+        pixels = torch.stack(map_on_cores(self.engine.prepare, images))  # (N, 3, H, W)
         return self.encode_images(pixels, deadline)
 
     def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
