@@ -6,15 +6,11 @@ import dataclasses
 import io
 
 import pytest
-from fake_engines import load_tiny_engine
-from test_routes import assert_error, assert_success, image_bytes, upload
+
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 KEY = "s3cret-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
 
 
 @pytest.fixture

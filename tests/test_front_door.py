@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import collections
 import copy
-import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
-from conftest import free_port
-from test_routes import image_bytes
-from test_scale_out import nginx_command, nginx_config, wait_listening
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
-from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.http.front_door import parse_head
+from tests.support.http_fixtures import free_port
+from tests.support.images import image_bytes
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.nginx import nginx_config, require_nginx, start_nginx, stop_nginx, wait_listening
+from tests.support.server import start, stop, wait_healthy
 
 SLOW_CONFIG = copy.deepcopy(TINY_CONFIG)
 SLOW_CONFIG["vision_cfg"].update(image_size=256, patch_size=8, width=64, head_width=32, layers=2)
@@ -34,14 +32,14 @@ def slow_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def door_server(server_env, slow_model_dir, tmp_path):  # noqa: F811
+def door_server(server_env, slow_model_dir, tmp_path):
     """CLIP.sh with its defaults (no THREADS, no MAX_QUEUE), the slow model, and a short deadline."""
     env = {key: value for key, value in server_env.items() if key not in ("THREADS", "WORKERS")}
     env.update(CLIP_MODEL=f"local-dir:{slow_model_dir}", REQUEST_TIMEOUT="3")
     process = start(env, tmp_path / "door.log")
     port = int(env["PORT"])
     try:
-        wait_healthy(port, process)
+        wait_healthy(port, process, log_path=tmp_path / "door.log")
         yield f"http://127.0.0.1:{port}", port
     finally:
         stop(process)
@@ -89,6 +87,7 @@ def read_answer(sock: socket.socket, timeout: float = 10) -> bytes:
     return answer
 
 
+@pytest.mark.system
 def test_overload_gets_503_at_once_deadlines_hold_and_health_stays_fast(door_server):
     """300 clients at once, 2 uploads each, REQUEST_TIMEOUT=3, CLIP.sh's defaults."""
     base, _ = door_server
@@ -191,6 +190,7 @@ def traffic_beside_slow_clients(base: str, port: int, seconds: float, wait_for_c
     return answers
 
 
+@pytest.mark.system
 def test_slow_clients_leave_health_and_uploads_alone(door_server):
     """Straight at CLIP.sh: the drippers cost nothing but a socket, and each is cut at its deadline."""
     base, port = door_server
@@ -201,6 +201,7 @@ def test_slow_clients_leave_health_and_uploads_alone(door_server):
     assert cut == 64, "each dripper is cut at REQUEST_TIMEOUT"
 
 
+@pytest.mark.system
 def test_framing_the_door_refuses_or_handles(door_server):
     base, port = door_server
     data = image_bytes("JPEG", (320, 240), (30, 30, 200))
@@ -257,17 +258,17 @@ def test_threads_beyond_max_queue_stop_start_up():
     assert settings_from_mapping({}).serving_threads == 8
 
 
+@pytest.mark.system
 def test_slow_clients_through_nginx_leave_health_and_uploads_alone(door_server, tmp_path):
     """The same drippers against services/nginx-clip.conf in front of CLIP.sh."""
+    require_nginx()
     _, service_port = door_server
     nginx_port = free_port()
     main = nginx_config(tmp_path, nginx_port, [service_port, service_port])
-    nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
-                             stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
+    nginx = start_nginx(main)
     base = f"http://127.0.0.1:{nginx_port}"
     try:
         wait_listening(base, nginx)
         traffic_beside_slow_clients(base, nginx_port, seconds=2.5, wait_for_cut=False)
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(timeout=10)
+        stop_nginx(nginx)

@@ -4,10 +4,11 @@ import dataclasses
 import io
 
 import pytest
-from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.errors import BadInput
 from clip_service.http.options import MAX_REQUEST_LABELS, parse_options
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 GROUPS = ("animals", "foods", "people")
 
