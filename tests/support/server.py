@@ -67,11 +67,15 @@ def start(env: Mapping[str, str], log_path: Path, command: Sequence[str] = (str(
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def log_tail(log_path: Path | None, lines: int = 30) -> str:
-    if log_path is None or not Path(log_path).exists():
+def log_tail(log_path: Path, lines: int = 30) -> str:
+    """The last lines of a server's log ("" before it has one)."""
+    if not Path(log_path).exists():
         return ""
-    text = Path(log_path).read_text(errors="replace")
-    return f"; the last lines of {log_path}:\n" + "\n".join(text.splitlines()[-lines:])
+    return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def _with_log(log_path: Path | None) -> str:
+    return f"; the last lines of {log_path}:\n{log_tail(log_path)}" if log_path else ""
 
 
 def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90, log_path: Path | None = None,
@@ -82,7 +86,7 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90, log_
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"the server exited ({process.returncode}) during start-up"
-                                 f"{log_tail(log_path)}")
+                                 f"{_with_log(log_path)}")
         try:
             response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
         except requests.RequestException:
@@ -91,9 +95,9 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90, log_
             if response.status_code == 200:
                 return response.json()
             assert response.json().get("model_status") == "loading", \
-                f"/health answered {response.status_code}: {response.text}{log_tail(log_path)}"
+                f"/health answered {response.status_code}: {response.text}{_with_log(log_path)}"
         time.sleep(interval)
-    raise AssertionError(f"the server was not healthy after {timeout:g} s{log_tail(log_path)}")
+    raise AssertionError(f"the server was not healthy after {timeout:g} s{_with_log(log_path)}")
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> int:
