@@ -1,4 +1,5 @@
-"""Who may call the service: API_KEY (Bearer) on every route but /health and /, and CORS_ORIGINS."""
+"""Who may call the service (http/access.py): API_KEY (Bearer) on every route but /health and /, and
+CORS_ORIGINS."""
 
 from __future__ import annotations
 

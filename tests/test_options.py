@@ -1,4 +1,5 @@
-"""Per-request options, /labels, label groups and reloading the vocabulary without a restart."""
+"""Per-request options (http/options.py), /labels, label groups and reloading the vocabulary without a
+restart (vocabulary/reload.py)."""
 
 import dataclasses
 import io

@@ -1,4 +1,5 @@
-"""The HTTP contract through Flask's test client: every success and error row."""
+"""The HTTP contract of /analyze (http/analyze.py) through Flask's test client: every success and error
+row."""
 
 import dataclasses
 import io

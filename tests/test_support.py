@@ -20,17 +20,56 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_MODULE = ("test_", "conftest")
 
 
+# Modules tested in a file named for something else: the room they share with others, or the command.
+# Every other module clip_service/<room>/<name>.py has its own tests/test_<name>.py. The test file
+# imports the module, or (testing it through HTTP) names it in its docstring, as "http/access.py".
+TESTED_IN = {
+    "__main__.py": "test_tagger.py", "cli.py": "test_tagger.py",
+    "engines/base.py": "test_engines.py", "engines/registry.py": "test_engines.py",
+    "engines/spec.py": "test_engines.py", "engines/torch_engine.py": "test_model.py",
+    "engines/weights.py": "test_model.py",
+    "http/analyze.py": "test_routes.py", "http/errors.py": "test_http_errors.py",
+    "http/logs.py": "test_observability.py", "http/page.py": "test_web.py",
+    "inputs/images.py": "test_image_input.py",
+    "library/errors.py": "test_library.py", "library/output.py": "test_library.py",
+    "library/pipeline.py": "test_library.py", "library/resume.py": "test_tagger.py",
+    "library/walk.py": "test_tagger.py",
+    "runtime/admission.py": "test_runtime.py", "runtime/health.py": "test_runtime.py",
+    "runtime/host.py": "test_runtime.py",
+    "tasks/classify.py": "test_scoring.py",
+    "vocabulary/features.py": "test_labels.py", "vocabulary/reload.py": "test_options.py",
+}
+
+
 def _imported_modules(path: Path) -> list[str]:
+    """Every module `path` imports, and for `from x import y` also x.y (y may be a module)."""
     modules = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             modules += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            prefix = "." * node.level
-            modules += [prefix + (node.module or "")]
-            if not node.module:  # from . import test_x
-                modules += [prefix + alias.name for alias in node.names]
+            prefix = "." * node.level + (node.module or "")
+            modules += [prefix] + [f"{prefix}.{alias.name}".replace("..", ".") for alias in node.names]
     return modules
+
+
+def test_every_module_has_a_test_file_that_imports_it():
+    package = ROOT / "clip_service"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if path.name == "__init__.py":
+            continue
+        test_file = ROOT / "tests" / TESTED_IN.get(relative, f"test_{path.stem}.py")
+        dotted = "clip_service." + relative.removesuffix(".py").replace("/", ".")
+        if not test_file.exists():
+            missing.append(f"{relative}: no {test_file.name}")
+        elif not (dotted in _imported_modules(test_file)
+                  or relative in (ast.get_docstring(ast.parse(test_file.read_text(encoding="utf-8"))) or "")
+                  or (path.name == "__main__.py" and '"-m", "clip_service"' in test_file.read_text())):
+            missing.append(f"{relative}: {test_file.name} neither imports {dotted} nor names {relative}")
+    assert missing == [], "add the test file, or name the file that tests it in TESTED_IN"
+    assert all((package / module).exists() for module in TESTED_IN), "TESTED_IN names a module that is gone"
 
 
 def test_no_test_module_imports_another_and_shared_code_lives_in_support():
