@@ -28,3 +28,10 @@ def test_every_selection_names_existing_tests():
 def test_mutant_names_are_unique():
     names = [mutant.name for mutant in MUTANTS]
     assert len(names) == len(set(names))
+
+
+def test_readme_reports_every_mutant():
+    testing = (ROOT / "README.md").read_text(encoding="utf-8").split("## Testing", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in testing.splitlines() if line.startswith("| ") and "`test_" in line]
+    assert f"all {len(MUTANTS)} caught" in testing
+    assert len(rows) == len(MUTANTS), "one README row per planted bug"
