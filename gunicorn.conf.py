@@ -18,16 +18,22 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 else:
     _OWN_METRICS_DIR = False
 
+from clip_service.http.app import MULTIPART_OVERHEAD  # noqa: E402
+from clip_service.http.front_door import door_limits  # noqa: E402
 from clip_service.startup import preflight_or_exit  # noqa: E402
 
 _settings = preflight_or_exit()
 
 bind = f"{_settings.bind_host}:{_settings.port}"
-worker_class = "gthread"
+# gthread behind a front door: requests are read in full by the event loop, under REQUEST_TIMEOUT from
+# arrival, before they take a thread; past MAX_QUEUE they get 503 at once; /health has its own threads.
+worker_class = "clip_service.http.front_door.FrontDoorWorker"
 # One worker holds one model; more workers on one GPU or a small CPU only multiply memory.
 workers = _settings.workers or 1
 # Threads overlap network and decoding with inference inside a worker.
-threads = _settings.threads or 8
+threads = _settings.serving_threads
+door_limits(_settings.max_queue, _settings.request_timeout,
+            _settings.max_image_bytes + MULTIPART_OVERHEAD, threads)
 # Loading happens in a background thread, so the heartbeat only has to cover a slow request.
 timeout = max(120, int(_settings.request_timeout) * 2)
 graceful_timeout = max(30, int(_settings.request_timeout) + 5)

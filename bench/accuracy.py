@@ -36,17 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ runs as a script; the package lives one folder up
     sys.path.insert(0, str(ROOT))
 
-from clip_service.image_input import ImageLimits, decode_image  # noqa: E402
-from clip_service.labels import (  # noqa: E402
-    LabelsError,
-    LabelSet,
-    build_vocabulary,
-    load_labels,
-    load_templates,
-)
-from clip_service.model import ClipEngine, ModelLoadError, load_engine, parse_model_spec  # noqa: E402
-from clip_service.scoring import label_probabilities  # noqa: E402
+from clip_service.engines.base import Engine, ModelLoadError  # noqa: E402
+from clip_service.engines.registry import load_engine  # noqa: E402
+from clip_service.engines.spec import parse_model_spec  # noqa: E402
+from clip_service.inputs.images import ImageLimits, decode_image  # noqa: E402
 from clip_service.settings import Settings  # noqa: E402
+from clip_service.tasks.classify import label_probabilities  # noqa: E402
+from clip_service.vocabulary.features import build_vocabulary  # noqa: E402
+from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels, load_templates  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
@@ -228,7 +225,7 @@ class Encoded:
         return count / self.encode_seconds if count and self.encode_seconds > 0 else None
 
 
-def _load_one(engine: ClipEngine, path: Path, limits: ImageLimits) -> tuple[torch.Tensor | None, str]:
+def _load_one(engine: Engine, path: Path, limits: ImageLimits) -> tuple[torch.Tensor | None, str]:
     """Read, decode (with the engine's draft size, as the service does) and prepare one file."""
     try:
         data = path.read_bytes()
@@ -241,7 +238,7 @@ def _load_one(engine: ClipEngine, path: Path, limits: ImageLimits) -> tuple[torc
         return None, getattr(error, "message", None) or f"{type(error).__name__}: {error}"
 
 
-def encode_folder(engine: ClipEngine, files: list[tuple[Path, int]], targets: list[int],
+def encode_folder(engine: Engine, files: list[tuple[Path, int]], targets: list[int],
                   batch_size: int = 32, limits: ImageLimits | None = None, workers: int = 4) -> Encoded:
     """Encode every readable image once, in batches; unreadable files are skipped with a warning.
 
@@ -289,7 +286,7 @@ def encode_folder(engine: ClipEngine, files: list[tuple[Path, int]], targets: li
 
 
 def evaluate(image_features: torch.Tensor, targets: torch.Tensor, text_features: torch.Tensor,
-             engine: ClipEngine, names: Sequence[str], top_confusions: int,
+             engine: Engine, names: Sequence[str], top_confusions: int,
              paths: Sequence[Path] | None = None, chunk: int = 1024) -> dict:
     """Top-1/top-5 and the costliest confusions of the images against one set of label features.
 
@@ -333,7 +330,7 @@ def evaluate(image_features: torch.Tensor, targets: torch.Tensor, text_features:
     return result
 
 
-def text_features(engine: ClipEngine, label_set: LabelSet, templates: tuple[str, ...],
+def text_features(engine: Engine, label_set: LabelSet, templates: tuple[str, ...],
                   cache_dir: Path) -> torch.Tensor:
     """(L, D) label features exactly as the service builds them (ensembled, disk-cached)."""
     return build_vocabulary(engine, label_set, templates, cache_dir).features
@@ -353,11 +350,11 @@ class Inputs:
     top_confusions: int
 
 
-def load_model(model: str, device: str, precision: str | None = None) -> tuple[ClipEngine, float]:
+def load_model(model: str, device: str, precision: str | None = None) -> tuple[Engine, float]:
     """The service's engine for a CLIP_MODEL value, and the seconds it took.
 
-    Raises ModelLoadError (no weights, e.g. offline) or ValueError (a name the service refuses), with
-    a message that completes "CLIP_MODEL=<model> ..." for the latter. `precision` (CLIP_PRECISION) is
+    Raises ModelLoadError (no weights, e.g. offline) or ValueError (a name the service refuses, its
+    message a sentence starting "CLIP_MODEL=<model> "). `precision` (CLIP_PRECISION) is
     passed only when given: without it the engine picks the service's default.
     """
     began = time.perf_counter()
@@ -371,14 +368,12 @@ def engine_takes_precision() -> bool:
 
 
 def unavailable_reason(model: str, error: Exception) -> str:
-    if isinstance(error, ModelLoadError):
+    if isinstance(error, (ModelLoadError, ValueError)):
         return str(error)
-    if isinstance(error, ValueError):
-        return f"CLIP_MODEL={model} {error}"
     return f"{type(error).__name__}: {error}"
 
 
-def measure_model(engine: ClipEngine, inputs: Inputs, load_seconds: float = 0.0) -> dict:
+def measure_model(engine: Engine, inputs: Inputs, load_seconds: float = 0.0) -> dict:
     """Encode every image once with a loaded engine and score it against both prompt sets."""
     model = engine.name
     names = inputs.candidates.label_set.labels
@@ -388,7 +383,7 @@ def measure_model(engine: ClipEngine, inputs: Inputs, load_seconds: float = 0.0)
     text_seconds = time.perf_counter() - began
     encoded = encode_folder(engine, inputs.files, inputs.targets, inputs.batch_size)
     result = {
-        "model": model, "status": "ok", "framework": engine.framework, "device": str(engine.device),
+        "model": model, "status": "ok", "framework": engine.weights_source, "device": engine.device_name,
         "image_dtype": str(engine.dtype).removeprefix("torch."),
         "input_size": list(engine.input_size), "published_imagenet_top1": published_top1(model),
         "images_scored": int(encoded.features.shape[0]), "skipped": encoded.skipped,
@@ -656,7 +651,7 @@ def compare_one(model: str, device: str, inputs: Inputs, precision: str | None =
         return {"model": model, "status": "failed", "reason": f"{type(error).__name__}: {error}",
                 "published_imagenet_top1": published}
     finally:  # free the model before the next one loads
-        on_cuda = engine.device.type == "cuda"
+        on_cuda = engine.device_kind == "cuda"
         del engine
         gc.collect()
         if on_cuda:

@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_service.labels import load_labels  # noqa: E402  (the only import from the service)
+from clip_service.vocabulary.labels import load_labels  # noqa: E402  (the only import from the service)
 
 PROMPT = "a photo of a {}."
 THRESHOLD = 0.01

@@ -1,6 +1,6 @@
 """Failures a client can cause or must be told about, each with its HTTP status.
 
-The Flask-free code raises these; the routes turn them into the error JSON shape.
+The Flask-free code raises these; http/errors.py turns them into the error JSON shape.
 """
 
 
@@ -41,6 +41,20 @@ class UpstreamFailed(ServiceError):
 
 
 class NotReady(ServiceError):
+    """The model is still loading, failed to load, or is failing on its device; retry later."""
+
+    status = 503
+
+
+class OutOfMemory(ServiceError):
+    """The model's device ran out of memory even on this image alone; retry shortly."""
+
+    status = 503
+
+
+class ShuttingDown(ServiceError):
+    """This worker is stopping and takes no new work; retry (another worker or instance answers)."""
+
     status = 503
 
 
@@ -51,7 +65,10 @@ class DeadlineExceeded(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """More requests are waiting in this worker than MAX_QUEUE; the client should retry."""
+    """MAX_QUEUE requests are already in progress in this worker (being fetched, decoded or encoded).
+
+    Refused at once, before anything is read, so the client should retry shortly.
+    """
 
     status = 503
 

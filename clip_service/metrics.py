@@ -39,6 +39,22 @@ HEALTHY = Gauge("clip_healthy", "1 if the model is loaded and inference works",
                 multiprocess_mode="liveall")
 
 
+class ModelInfo:
+    """clip_model_info and clip_labels for the loaded model; a reload zeroes the series it replaces."""
+
+    def __init__(self):
+        self._current: tuple[str, ...] | None = None
+
+    def publish(self, model: str, weights_source: str, device: str, labels_version: str,
+                num_labels: int) -> None:
+        current = (model, weights_source, device, labels_version)
+        if self._current and self._current != current:
+            MODEL_INFO.labels(*self._current).set(0)
+        MODEL_INFO.labels(*current).set(1)
+        self._current = current
+        LABELS.set(num_labels)
+
+
 @contextmanager
 def timed(stage: str):
     """Observe the duration of the block as one sample of clip_stage_seconds{stage=...}."""

@@ -1,7 +1,8 @@
 """All configuration, read from `.env` and the environment and validated in one place.
 
 The process environment wins over `.env`. Any invalid value stops start-up with one line that names
-the variable, the value and what is allowed.
+the variable, the value and what is allowed. Importing this module imports no torch: tools that only
+read settings stay light.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from clip_service.model import ModelSpec, parse_model_spec
+from clip_service.engines.spec import ModelSpec, ModelSpecError, parse_model_spec
 from clip_service.ranges import parse_in_range
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,7 @@ _FALSE = {"false", "0", "no", "off"}
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class SettingsError(ValueError):
@@ -63,7 +65,8 @@ class Settings:
     max_queue: int = 32
     request_timeout: float = 30.0
     api_key: str = ""
-    cors_origins: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = ()  # browsers' cross-origin use: none unless named
+    allowed_hosts: tuple[str, ...] = ()  # empty: loopback names when PRIVATE=True, any host otherwise
     health_canary_seconds: float = 30.0
     labels_watch: bool = False
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
@@ -72,6 +75,19 @@ class Settings:
     @property
     def model_spec(self) -> ModelSpec:
         return parse_model_spec(self.clip_model)
+
+    @property
+    def serving_threads(self) -> int:
+        """Threads per worker that run requests: THREADS, or 8 (never more than MAX_QUEUE)."""
+        return self.threads or min(8, self.max_queue)
+
+    @property
+    def answered_hosts(self) -> tuple[str, ...]:
+        """The Host names the service answers to: ALLOWED_HOSTS, or by default loopback names on a
+        private service (a public one is reached under names the operator chose)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return LOOPBACK_HOSTS if self.private else ("*",)
 
     @property
     def bind_host(self) -> str:
@@ -181,11 +197,30 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    hosts = []
+    for item in _list(raw):
+        name = item.strip("[]").rstrip(".").lower()
+        if item != "*" and (not name or any(c in name for c in "/:@ ") and not _is_ip(name)):
+            raise SettingsError(f"ALLOWED_HOSTS={raw}: {item} is not a host name; allowed: *, or "
+                                "comma-separated names or addresses such as clip.example.com,127.0.0.1")
+        hosts.append(name if item != "*" else "*")
+    return tuple(hosts)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _model(raw: str) -> str:
     try:
         parse_model_spec(raw)
-    except ValueError as error:
-        raise SettingsError(f"CLIP_MODEL={raw} {error}") from None
+    except ModelSpecError as error:
+        raise SettingsError(str(error)) from None
     return raw.strip()
 
 
@@ -228,6 +263,7 @@ _PARSERS = {
         "request_timeout", lambda raw: _number("REQUEST_TIMEOUT", raw, 0.0, 3600.0, True)),
     "API_KEY": ("api_key", str.strip),
     "CORS_ORIGINS": ("cors_origins", _origins),
+    "ALLOWED_HOSTS": ("allowed_hosts", _hosts),
     "HEALTH_CANARY_SECONDS": (
         "health_canary_seconds", lambda raw: _number("HEALTH_CANARY_SECONDS", raw, 0.0, 86400.0)),
     "CLIP_LABELS_WATCH": ("labels_watch", lambda raw: _boolean("CLIP_LABELS_WATCH", raw)),
@@ -246,7 +282,17 @@ def settings_from_mapping(values: Mapping[str, str | None]) -> Settings:
         if raw is None or (raw.strip() == "" and variable not in KEEP_EMPTY):
             continue
         fields[field] = parse(raw)
-    return Settings(**fields)
+    return _check_combinations(Settings(**fields))
+
+
+def _check_combinations(settings: Settings) -> Settings:
+    """Settings that are each valid but cannot work together."""
+    if settings.threads > settings.max_queue:
+        raise SettingsError(
+            f"THREADS={settings.threads} exceeds MAX_QUEUE={settings.max_queue}: at most MAX_QUEUE "
+            "requests are in progress in a worker, so the extra threads would never run; lower THREADS "
+            "or raise MAX_QUEUE")
+    return settings
 
 
 def load_settings(env_file: str | os.PathLike | None = None,

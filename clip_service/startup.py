@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from clip_service.labels import LabelsError, load_labels, load_templates
-from clip_service.model import ModelLoadError, fetch_weights
+from clip_service.engines.base import ModelLoadError
+from clip_service.engines.weights import fetch_weights
 from clip_service.settings import Settings, SettingsError, load_settings
+from clip_service.vocabulary.labels import LabelsError, load_labels, load_templates
 
 
 def preflight() -> Settings:

@@ -11,17 +11,19 @@ import time
 
 import torch
 
-from clip_service.model import ClipEngine, load_engine, parse_model_spec
+from clip_service.engines.base import Engine, EngineOutOfMemory
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 
 
-def load_tiny_engine(model_dir) -> ClipEngine:
+def load_tiny_engine(model_dir) -> Engine:
     return load_engine(parse_model_spec(f"local-dir:{model_dir}"), "cpu")
 
 
 class EngineWrapper:
     """Delegates to the real engine; records the size of every batch it is asked to encode."""
 
-    def __init__(self, engine: ClipEngine):
+    def __init__(self, engine: Engine):
         self._engine = engine
         self.batches: list[int] = []
         self._batches_lock = threading.Lock()
@@ -41,7 +43,7 @@ class EngineWrapper:
 class SlowEngine(EngineWrapper):
     """Every batch takes `delay` seconds longer; `finished` is set after each slow batch."""
 
-    def __init__(self, engine: ClipEngine, delay: float):
+    def __init__(self, engine: Engine, delay: float):
         super().__init__(engine)
         self.delay = delay
         self.finished = threading.Event()
@@ -62,7 +64,7 @@ class DeviceFaultEngine(EngineWrapper):
 
     MESSAGE = "CUDA error: device-side assert triggered"
 
-    def __init__(self, engine: ClipEngine):
+    def __init__(self, engine: Engine):
         super().__init__(engine)
         self.failing = threading.Event()
 
@@ -76,7 +78,7 @@ class DeviceFaultEngine(EngineWrapper):
 class OutOfMemoryEngine(EngineWrapper):
     """Runs out of memory on batches larger than `max_batch` (0: on every batch, while `oom`)."""
 
-    def __init__(self, engine: ClipEngine, max_batch: int):
+    def __init__(self, engine: Engine, max_batch: int):
         super().__init__(engine)
         self.max_batch = max_batch
         self.oom = threading.Event()
@@ -87,14 +89,14 @@ class OutOfMemoryEngine(EngineWrapper):
         self._record(pixels)
         if self.oom.is_set() and pixels.shape[0] > self.max_batch:
             self.failed.append(int(pixels.shape[0]))
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise EngineOutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self._engine.encode_images(pixels)
 
 
 class HangingEngine(EngineWrapper):
     """A hung device: while `hanging` is set, a batch blocks until `release` is set (at most 30 s)."""
 
-    def __init__(self, engine: ClipEngine):
+    def __init__(self, engine: Engine):
         super().__init__(engine)
         self.hanging = threading.Event()
         self.release = threading.Event()

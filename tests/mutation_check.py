@@ -1,6 +1,6 @@
 """Planted bugs the test suite must catch: run each on a copy of the repository, expect a failing test.
 
-    .venv/bin/python tests/mutation_check.py            # every mutant (about 2 minutes on 2 cores)
+    .venv/bin/python tests/mutation_check.py            # every mutant (about 3 minutes on 2 cores)
     .venv/bin/python tests/mutation_check.py --list     # what each mutant breaks, and its tests
     .venv/bin/python tests/mutation_check.py --only threshold-off-by-one limit-off-by-one
 
@@ -56,7 +56,7 @@ MUTANTS = (
     Mutant(
         "label-features-misaligned",
         "every label is scored against its neighbour's text feature",
-        "clip_service/labels.py",
+        "clip_service/vocabulary/features.py",
         "                                for text in label_set.texts])",
         "                                for text in label_set.texts[1:] + label_set.texts[:1]])",
         ("tests/test_labels.py",),
@@ -64,7 +64,7 @@ MUTANTS = (
     Mutant(
         "new-labels-encoded-in-another-order",
         "labels encoded in one order and paired with their features in another",
-        "clip_service/labels.py",
+        "clip_service/vocabulary/features.py",
         "ensemble_features(encoder, tuple(missing), templates)",
         "ensemble_features(encoder, tuple(sorted(missing)), templates)",
         ("tests/test_labels.py",),
@@ -72,7 +72,7 @@ MUTANTS = (
     Mutant(
         "ensemble-mean-not-renormalised",
         "the prompt ensemble's mean of unit features is used without normalising it again",
-        "clip_service/labels.py",
+        "clip_service/vocabulary/features.py",
         "    return torch.nn.functional.normalize(total, dim=-1)",
         "    return total / len(templates)",
         ("tests/test_labels.py",),
@@ -80,7 +80,7 @@ MUTANTS = (
     Mutant(
         "reload-pairs-wrong-features",
         "a label reload reuses each text's feature from its neighbour",
-        "clip_service/labels.py",
+        "clip_service/vocabulary/features.py",
         "return dict(zip(self.label_set.texts, self.features, strict=True))",
         "return dict(zip(self.label_set.texts, self.features.roll(1, dims=0), strict=True))",
         ("tests/test_labels.py", f"{OPTIONS}::test_reload_keeps_each_label_with_its_own_feature"),
@@ -88,7 +88,7 @@ MUTANTS = (
     Mutant(
         "reload-keeps-features-of-old-templates",
         "after the prompt templates change, a reload reuses features made with the old templates",
-        "clip_service/service.py",
+        "clip_service/vocabulary/reload.py",
         "if previous and previous.templates == templates else None",
         "if previous else None",
         (f"{OPTIONS}::test_reload_encodes_only_new_labels_and_changes_the_version",
@@ -97,7 +97,7 @@ MUTANTS = (
     Mutant(
         "label-cache-shared-across-models",
         "the label-feature cache key ignores the model, so another model's features are reused",
-        "clip_service/labels.py",
+        "clip_service/vocabulary/features.py",
         "for part in (CACHE_FORMAT, model_identity, str(len(templates)), *templates, *texts):",
         "for part in (CACHE_FORMAT, str(len(templates)), *templates, *texts):",
         ("tests/test_labels.py",),
@@ -105,7 +105,7 @@ MUTANTS = (
     Mutant(
         "model-identity-ignores-weights",
         "retrained weights in the same local-dir folder reuse the old label-feature cache",
-        "clip_service/model.py",
+        "clip_service/engines/spec.py",
         'return f"local-dir:{folder}|{digest.hexdigest()}"',
         'return f"local-dir:{folder}"',
         ("tests/test_model.py::test_identity_changes_with_weights",),
@@ -113,15 +113,15 @@ MUTANTS = (
     Mutant(
         "image-features-unnormalised",
         "image features are not unit length, so confidences depend on the picture's feature norm",
-        "clip_service/model.py",
-        "            return torch.nn.functional.normalize(features.float(), dim=-1).cpu()",
-        "            return features.float().cpu()",
+        "clip_service/engines/torch_engine.py",
+        "return torch.nn.functional.normalize(features.float(), dim=-1).cpu()",
+        "return features.float().cpu()",
         ("tests/test_model.py::test_engine_gives_unit_features",),
     ),
     Mutant(
         "text-features-unnormalised",
         "text features are not unit length",
-        "clip_service/model.py",
+        "clip_service/engines/torch_engine.py",
         "encoded = torch.nn.functional.normalize(encoded.float(), dim=-1).cpu()",
         "encoded = encoded.float().cpu()",
         ("tests/test_model.py::test_engine_gives_unit_features",),
@@ -129,7 +129,7 @@ MUTANTS = (
     Mutant(
         "batch-results-swapped",
         "requests sharing a micro-batch receive each other's image features",
-        "clip_service/batching.py",
+        "clip_service/runtime/batching.py",
         "for pending, feature in zip(batch, features, strict=True):",
         "for pending, feature in zip(batch, features.flip(0), strict=True):",
         ("tests/test_speed_paths.py::test_batched_answers_equal_unbatched",),
@@ -137,7 +137,7 @@ MUTANTS = (
     Mutant(
         "groups-scored-against-wrong-rows",
         "groups= scores its labels against the first rows of the vocabulary, not their own",
-        "clip_service/service.py",
+        "clip_service/tasks/classify.py",
         "vocabulary.features[rows]",
         "vocabulary.features[:len(rows)]",
         (f"{OPTIONS}::test_groups_score_only_their_labels",
@@ -146,9 +146,9 @@ MUTANTS = (
     Mutant(
         "request-labels-misaligned",
         "labels= pairs the request's labels with each other's features",
-        "clip_service/service.py",
-        "self._custom.update(zip(missing, encoded, strict=True))",
-        "self._custom.update(zip(missing, encoded.flip(0), strict=True))",
+        "clip_service/vocabulary/custom_labels.py",
+        "ensemble_features(self.encoder, missing, templates)",
+        "ensemble_features(self.encoder, missing, templates).flip(0)",
         (f"{OPTIONS}::test_request_labels_replace_the_vocabulary",
          f"{OPTIONS}::test_request_label_features_are_cached",
          f"{OPTIONS}::test_request_labels_get_their_own_features"),
@@ -156,7 +156,7 @@ MUTANTS = (
     Mutant(
         "threshold-off-by-one",
         "a confidence exactly at the threshold is dropped",
-        "clip_service/scoring.py",
+        "clip_service/tasks/classify.py",
         "        if confidence < threshold:",
         "        if confidence <= threshold:",
         ("tests/test_scoring.py",),
@@ -164,7 +164,7 @@ MUTANTS = (
     Mutant(
         "threshold-before-rounding",
         "the threshold is applied to the unrounded value, so a reported 0.010 can fail 0.01",
-        "clip_service/scoring.py",
+        "clip_service/tasks/classify.py",
         "        if confidence < threshold:",
         "        if value < threshold:",
         ("tests/test_scoring.py",),
@@ -172,7 +172,7 @@ MUTANTS = (
     Mutant(
         "limit-off-by-one",
         "one prediction more than the limit is returned",
-        "clip_service/scoring.py",
+        "clip_service/tasks/classify.py",
         "count = min(limit, probabilities.numel())",
         "count = min(limit + 1, probabilities.numel())",
         ("tests/test_scoring.py",),
@@ -180,7 +180,7 @@ MUTANTS = (
     Mutant(
         "sigmoid-bias-ignored",
         "SigLIP models' logit bias is dropped",
-        "clip_service/scoring.py",
+        "clip_service/tasks/classify.py",
         "return torch.sigmoid(logits + logit_bias)",
         "return torch.sigmoid(logits)",
         ("tests/test_scoring.py",),
@@ -188,15 +188,16 @@ MUTANTS = (
     Mutant(
         "file-root-lets-sibling-through",
         "ALLOWED_FILE_ROOTS=/srv/photos also lets /srv/photos-evil be read",
-        "clip_service/image_input.py",
+        "clip_service/inputs/images.py",
         "if not any(real.is_relative_to(root) for root in allowed_roots):",
         "if not any(str(real).startswith(str(root)) for root in allowed_roots):",
         ("tests/test_image_input.py",),
     ),
     Mutant(
         "file-root-follows-symlinks-out",
-        "a symlink inside an allowed folder lets clients read any file it points to",
-        "clip_service/image_input.py",
+        "the root check does not resolve symlinks, so a link out of an allowed folder passes it "
+        "(only read_file's open beneath the root still stops it)",
+        "clip_service/inputs/images.py",
         "real = Path(os.path.realpath(raw_path))",
         "real = Path(os.path.abspath(raw_path))",
         ("tests/test_image_input.py",),
@@ -204,7 +205,7 @@ MUTANTS = (
     Mutant(
         "file-size-limit-off-by-one",
         "a file of exactly MAX_IMAGE_BYTES is refused",
-        "clip_service/image_input.py",
+        "clip_service/inputs/images.py",
         "if info.st_size > max_bytes:",
         "if info.st_size >= max_bytes:",
         ("tests/test_image_input.py",),
@@ -212,7 +213,7 @@ MUTANTS = (
     Mutant(
         "ssrf-check-skipped-on-redirect",
         "a redirect hop is fetched without the address guard, reaching private networks",
-        "clip_service/url_fetch.py",
+        "clip_service/inputs/url_fetch.py",
         "                response = session.get(",
         "                response = (session if _hop == 0 else requests.Session()).get(",
         ("tests/test_url_fetch.py",),
@@ -220,7 +221,7 @@ MUTANTS = (
     Mutant(
         "ssrf-connects-to-the-name",
         "the guard checks one DNS answer but connects to the name again (DNS rebinding)",
-        "clip_service/url_fetch.py",
+        "clip_service/inputs/url_fetch.py",
         "(sockaddr[0], sockaddr[1]), self.timeout,",
         "(self._dns_host, sockaddr[1]), self.timeout,",
         ("tests/test_url_fetch.py",),
@@ -228,7 +229,7 @@ MUTANTS = (
     Mutant(
         "ssrf-ipv4-mapped-address-allowed",
         "::ffff:127.0.0.1 (an IPv4-mapped address) passes the private-address check",
-        "clip_service/url_fetch.py",
+        "clip_service/inputs/url_fetch.py",
         "embedded = address.ipv4_mapped or address.sixtofour",
         "embedded = address.sixtofour",
         ("tests/test_url_fetch.py",),
@@ -236,7 +237,7 @@ MUTANTS = (
     Mutant(
         "ssrf-through-an-environment-proxy",
         "HTTP_PROXY in the service's environment sends fetches through a proxy the guard cannot see",
-        "clip_service/url_fetch.py",
+        "clip_service/inputs/url_fetch.py",
         "    session.trust_env = False",
         "    session.trust_env = True",
         ("tests/test_url_fetch.py",),
@@ -244,10 +245,38 @@ MUTANTS = (
     Mutant(
         "url-size-limit-only-when-declared",
         "a body sent without Content-Length is read past MAX_IMAGE_BYTES",
-        "clip_service/url_fetch.py",
+        "clip_service/inputs/url_fetch.py",
         "                if len(body) > self.max_bytes:",
         "                if declared and len(body) > self.max_bytes:",
         ("tests/test_url_fetch.py",),
+    ),
+    Mutant(
+        "front-door-lets-requests-past-max-queue",
+        "gunicorn's front door hands on a request past MAX_QUEUE, so it waits for a thread instead of "
+        "getting 503 at once",
+        "clip_service/http/front_door.py",
+        "if self.heavy_in_flight >= self.max_queue:",
+        "if self.heavy_in_flight > self.max_queue:",
+        ("tests/test_front_door.py::test_exactly_max_queue_uploads_are_handed_on_and_the_next_refused",),
+    ),
+    Mutant(
+        "file-opened-without-the-root",
+        "file= is opened by its checked path, not beneath its root, so a folder swapped for a symlink "
+        "after the check leads outside ALLOWED_FILE_ROOTS",
+        "clip_service/inputs/images.py",
+        "root = next((root for root in allowed_roots if real.is_relative_to(root)), None)",
+        "root = None",
+        ("tests/test_image_input.py::test_a_folder_swapped_after_the_check_is_not_followed_when_opened",
+         "tests/test_image_input.py::test_a_folder_swapped_for_a_symlink_never_leads_outside"),
+    ),
+    Mutant(
+        "deadline-from-admission",
+        "REQUEST_TIMEOUT counts from when a thread took the request, not from its arrival, so time "
+        "spent queueing is free",
+        "clip_service/runtime/admission.py",
+        "deadline = (now if arrived is None else arrived) + self.request_timeout",
+        "deadline = now + self.request_timeout",
+        ("tests/test_runtime.py::test_the_deadline_counts_from_arrival_not_admission",),
     ),
 )
 

@@ -75,8 +75,8 @@ def test_no_key_configured_means_open(make_app, settings, tiny_engine):
     assert_success(upload(client, image_bytes()))
 
 
-def test_cors_default_allows_any_origin(make_app, settings, tiny_engine):
-    client = make_app(settings, engine=tiny_engine).test_client()
+def test_cors_star_allows_any_origin(make_app, settings, tiny_engine):
+    client = make_app(dataclasses.replace(settings, cors_origins=("*",)), engine=tiny_engine).test_client()
     response = client.get("/health", headers={"Origin": "https://anywhere.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     response = client.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png")},
@@ -130,3 +130,52 @@ def test_401_is_readable_by_an_allowed_origin(make_app, settings, tiny_engine):
     response = client.post("/analyze", headers={"Origin": "https://a.example"})
     assert_error(response, 401)
     assert response.headers["Access-Control-Allow-Origin"] == "https://a.example"
+
+
+def test_by_default_other_pages_get_nothing_and_the_service_does_no_work(make_app, settings, tiny_engine,
+                                                                         tmp_path):
+    """A page on another site asks for a file's classification: refused before the file is read."""
+    client = make_app(settings, engine=tiny_engine).test_client()
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(image_bytes())
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "http://localhost.evil.example"}):
+        response = client.get("/analyze", query_string={"file": str(photo)}, headers=headers)
+        assert_error(response, 403, "CORS_ORIGINS")
+        assert "Access-Control-Allow-Origin" not in response.headers
+    same_origin = client.post("/analyze", data={"file": (io.BytesIO(image_bytes()), "x.png")},
+                              content_type="multipart/form-data",
+                              headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+    assert_success(same_origin)
+    assert_success(client.get("/analyze", query_string={"file": str(photo)}))  # curl, scripts
+
+
+@pytest.mark.parametrize(("private", "allowed_hosts", "host", "answered"), [
+    (True, (), "localhost:7778", True),
+    (True, (), "127.0.0.1:7778", True),
+    (True, (), "[::1]:7778", True),
+    (True, (), "LOCALHOST.", True),
+    (True, (), "rebound.evil.example:7778", False),
+    (True, (), "127.0.0.1.nip.io", False),
+    (False, (), "clip.example.com", True),
+    (False, ("clip.example.com",), "clip.example.com:443", True),
+    (False, ("clip.example.com",), "evil.example", False),
+    (True, ("*",), "anything.example", True),
+])
+def test_host_allow_list_defeats_dns_rebinding(make_app, settings, tiny_engine, private, allowed_hosts,
+                                               host, answered):
+    client = make_app(dataclasses.replace(settings, private=private, allowed_hosts=allowed_hosts),
+                      engine=tiny_engine).test_client()
+    for path in ("/health", "/labels", "/"):
+        response = client.get(path, headers={"Host": host})
+        if answered:
+            assert response.status_code == 200, (path, host)
+        else:
+            assert_error(response, 400, "ALLOWED_HOSTS")
+
+
+def test_every_answer_says_nosniff(make_app, settings, tiny_engine):
+    client = make_app(settings, engine=tiny_engine).test_client()
+    for response in (client.get("/health"), client.get("/labels"), client.get("/metrics"),
+                     client.get("/analyze"), client.get("/nowhere"), client.get("/")):
+        assert response.headers["X-Content-Type-Options"] == "nosniff", response.request.path

@@ -18,10 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_service.image_input import ImageLimits, decode_image
-from clip_service.labels import LabelSet, build_vocabulary, load_templates
-from clip_service.model import load_engine, parse_model_spec
-from clip_service.service import Classifier
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.inputs.images import ImageLimits, decode_image
+from clip_service.tasks.classify import Classifier
+from clip_service.vocabulary.features import build_vocabulary
+from clip_service.vocabulary.labels import LabelSet, load_templates
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "bench" / "accuracy.py"

@@ -4,7 +4,7 @@ import time
 import pytest
 from conftest import LocalServer, free_port
 
-from clip_service.emoji import EmojiMapper, concept_key, parse_mappings
+from clip_service.vocabulary.emoji import EmojiMapper, concept_key, parse_mappings
 
 
 def wait_for(condition, timeout=10.0):
@@ -74,5 +74,19 @@ def test_broken_answers_count_as_down_and_recover(local_server, status, body):
         local_server.routes["/emoji_mappings.json"] = (200, {}, b'{"cat": "\\ud83d\\ude3a"}')
         assert wait_for(lambda: mapper.api_reachable)
         assert mapper.emoji_for("cat") == "😺"
+    finally:
+        mapper.stop()
+
+
+def test_a_redirecting_api_is_down_and_its_target_never_asked(local_server):
+    """The API may reach any address, so it may send the service nowhere else."""
+    local_server.routes["/emoji_mappings.json"] = (302, {"Location": local_server.url("/elsewhere")}, b"")
+    local_server.routes["/elsewhere"] = (200, {}, json.dumps({"cat": "😺"}).encode())
+    mapper = EmojiMapper({"cat": "🐱"}, local_server.url("/emoji_mappings.json"), 2.0, retry_seconds=60)
+    mapper.start()
+    try:
+        assert not mapper.api_reachable
+        assert mapper.emoji_for("cat") == "🐱"
+        assert local_server.hits == ["/emoji_mappings.json"]
     finally:
         mapper.stop()

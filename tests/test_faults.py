@@ -498,7 +498,7 @@ def test_out_of_memory_batches_are_split(make_app, settings, tiny_engine):
     for response in responses:
         assert_success(response)
     assert engine.failed, f"no batch over 2 was formed (batches {engine.batches}); nothing was split"
-    assert max(app.extensions["clip_service"].classifier.batcher.batch_sizes) <= 2
+    assert max(app.extensions["clip_service"].batcher.batch_sizes) <= 2
     print(f"\nOOM split: 8 concurrent requests all 200; batches tried {engine.batches}, "
           f"out of memory on {engine.failed}")
 

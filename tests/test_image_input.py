@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
+import stat
 import threading
 import zipfile
 from pathlib import Path
@@ -16,7 +18,7 @@ from image_samples import BLUE, GREEN, RED, YELLOW, encode, png_declaring, quadr
 from PIL import Image, ImageFile
 
 from clip_service.errors import BadInput, Forbidden, NotFound, TooLarge
-from clip_service.image_input import ImageLimits, check_file_access, decode_image, read_file, to_rgb
+from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file, to_rgb
 
 LIMITS = ImageLimits(max_bytes=20_000_000, max_pixels=50_000_000)
 WHITE = (255, 255, 255)
@@ -640,3 +642,111 @@ def test_file_path_end_to_end(root):
     real = check_file_access(str(path), (root,), private=False)
     image = decode(read_file(str(path), real, LIMITS.max_bytes))
     assert image.size == (600, 400)
+
+
+def test_a_folder_swapped_after_the_check_is_not_followed_when_opened(root, outside):
+    """The race below, made certain: the check passes, then a folder in the path becomes a symlink."""
+    (root / "album").mkdir()
+    (root / "album" / "secret.png").write_bytes(b"the picture that was checked")
+    raw = str(root / "album" / "secret.png")
+    real = check_file_access(raw, (root,), private=False)
+    (root / "album").rename(root / "parked")
+    (root / "album").symlink_to(outside, target_is_directory=True)
+    with pytest.raises((Forbidden, NotFound)) as refused:  # 404 from the walk where openat2 is missing
+        read_file(raw, real, LIMITS.max_bytes, (root,))
+    assert raw in refused.value.message
+
+
+def test_a_folder_swapped_for_a_symlink_never_leads_outside(tmp_path):
+    """The check-then-open race: a folder in the root flips to a symlink to an outside folder."""
+    from clip_service.errors import ServiceError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "album").mkdir(parents=True)
+    outside.mkdir()
+    inside_data, outside_data = encode(Image.new("RGB", (4, 4), "red"), "PNG"), b"secret bytes"
+    (root / "album" / "photo.png").write_bytes(inside_data)
+    (outside / "photo.png").write_bytes(outside_data)
+    (root / "real-album").mkdir()
+    (root / "real-album" / "photo.png").write_bytes(inside_data)
+    raw = str(root / "album" / "photo.png")
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            os.rename(root / "album", root / "parked")
+            os.symlink(outside, root / "album")
+            os.unlink(root / "album")
+            os.rename(root / "parked", root / "album")
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    outcomes = []
+    try:
+        for _ in range(2000):
+            try:
+                real = check_file_access(raw, (root.resolve(),), private=False)
+                outcomes.append(read_file(raw, real, LIMITS.max_bytes, (root.resolve(),)))
+            except ServiceError as error:
+                outcomes.append(error.status)
+    finally:
+        stop.set()
+        flipper.join()
+    assert outside_data not in outcomes
+    # 400: the path changed while check_file_access resolved it ("File path cannot be resolved").
+    assert set(outcomes) <= {inside_data, 400, 403, 404}
+    assert outcomes.count(inside_data) > 0 and len(set(outcomes)) > 1, "the race was not exercised"
+
+
+def test_the_walk_without_openat2_follows_no_symlink(tmp_path):
+    from clip_service.inputs.images import _walk_beneath
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "photo.png").write_bytes(b"x")
+    os.symlink(tmp_path / "a" / "photo.png", tmp_path / "link.png")
+    os.symlink(tmp_path / "a", tmp_path / "linked-dir")
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd = _walk_beneath(root_fd, "a/photo.png")
+        assert stat.S_ISREG(os.fstat(fd).st_mode)
+        os.close(fd)
+        for relative, code in (("link.png", errno.ELOOP), ("linked-dir/photo.png", errno.ENOTDIR),
+                               ("a/../a/photo.png", errno.EXDEV)):
+            with pytest.raises(OSError) as raised:
+                _walk_beneath(root_fd, relative)
+            assert raised.value.errno == code, relative
+    finally:
+        os.close(root_fd)
+
+
+def test_a_device_file_is_never_opened_for_reading(tmp_path):
+    with pytest.raises(BadInput, match="Not a regular file"):
+        read_file("/dev/zero", Path("/dev/zero"), LIMITS.max_bytes)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(BadInput, match="Not a regular file"):
+        read_file(str(fifo), fifo, LIMITS.max_bytes, (tmp_path.resolve(),))
+
+
+def test_a_huge_16_bit_image_converts_in_little_more_than_its_rgb_size():
+    """7745 x 7745 16-bit greyscale PNG (about 130 KB): peak memory measured in a fresh process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, resource, numpy as np\n"
+        "from PIL import Image\n"
+        "from clip_service.inputs.images import decode_image, ImageLimits\n"
+        "a = np.zeros((7745, 7745), dtype=np.uint16); a[::7, ::5] = 60000\n"
+        "b = io.BytesIO(); Image.fromarray(a).save(b, 'PNG'); data = b.getvalue(); del a, b\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "image = decode_image(data, ImageLimits(8 << 20, 60_000_000))\n"
+        "assert image.mode == 'RGB' and image.getpixel((0, 0)) == (233, 233, 233), image.getpixel((0, 0))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    grown = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                 cwd=Path(__file__).resolve().parent.parent).stdout)
+    rgb_megabytes = 7745 * 7745 * 3 / 2**20
+    print(f"\n16-bit 7745x7745 PNG: peak memory grew {grown:.0f} MB; its 8-bit RGB image is "
+          f"{rgb_megabytes:.0f} MB")
+    assert grown < 2 * rgb_megabytes

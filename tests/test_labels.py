@@ -5,16 +5,10 @@ import os
 import pytest
 import torch
 
-from clip_service.emoji import concept_key
-from clip_service.labels import (
-    LabelsError,
-    LabelSet,
-    build_vocabulary,
-    cache_key,
-    ensemble_features,
-    load_labels,
-)
 from clip_service.settings import PROJECT_ROOT
+from clip_service.vocabulary.emoji import concept_key
+from clip_service.vocabulary.features import build_vocabulary, cache_key, ensemble_features
+from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels
 
 
 def test_labels_rules(tmp_path):

@@ -5,22 +5,18 @@ import torch
 from PIL import Image
 from tiny_clip import write_tiny_clip
 
-from clip_service.model import (
-    OPENAI_MODELS,
-    ModelLoadError,
-    fetch_weights,
-    load_engine,
-    model_identity,
-    parse_model_spec,
-    resolve_device,
-)
+from clip_service.engines.base import ModelLoadError
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import OPENAI_MODELS, model_identity, parse_model_spec
+from clip_service.engines.torch_engine import resolve_device
+from clip_service.engines.weights import fetch_weights
 
 
 @pytest.mark.parametrize("name", list(OPENAI_MODELS))
 def test_openai_names_map_to_openai_weights_with_quickgelu(name):
     spec = parse_model_spec(name)
     assert spec.pretrained == "openai"
-    assert spec.framework == "OpenAI"
+    assert spec.weights_source == "OpenAI"
     assert spec.open_clip_name.endswith("-quickgelu")
 
 
@@ -30,13 +26,13 @@ def test_openai_names_map_to_openai_weights_with_quickgelu(name):
 ])
 def test_arch_pretrained_pairs(name, arch, tag):
     spec = parse_model_spec(name)
-    assert (spec.open_clip_name, spec.pretrained, spec.framework) == (arch, tag, "OpenCLIP")
+    assert (spec.open_clip_name, spec.pretrained, spec.weights_source) == (arch, tag, "OpenCLIP")
 
 
 def test_hf_hub_form():
     spec = parse_model_spec("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
     assert spec.open_clip_name == "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
-    assert spec.pretrained is None and spec.framework == "OpenCLIP"
+    assert spec.pretrained is None and spec.weights_source == "OpenCLIP"
 
 
 def test_local_dir_form(tiny_model_dir):
@@ -112,7 +108,7 @@ def test_identity_changes_with_weights(tmp_path):
 
 
 def test_precision_choice():
-    from clip_service.model import resolve_precision
+    from clip_service.engines.torch_engine import resolve_precision
 
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
@@ -123,7 +119,7 @@ def test_precision_choice():
 
 
 def test_bf16_image_tower_gives_the_same_answers(tiny_model_dir):
-    from clip_service.scoring import label_probabilities
+    from clip_service.tasks.classify import label_probabilities
 
     spec = parse_model_spec(f"local-dir:{tiny_model_dir}")
     full, half = load_engine(spec, "cpu", "fp32"), load_engine(spec, "cpu", "bf16")

@@ -35,3 +35,7 @@ def test_readme_reports_every_mutant():
     rows = [line for line in testing.splitlines() if line.startswith("| ") and "`test_" in line]
     assert f"all {len(MUTANTS)} caught" in testing
     assert len(rows) == len(MUTANTS), "one README row per planted bug"
+    files = {mutant.name: mutant.path.removeprefix("clip_service/") for mutant in MUTANTS}
+    for row in rows:  # | `name` | what a user suffers | file | the test that caught it |
+        name, _, file, _ = (cell.strip() for cell in row.strip("| ").split(" | "))
+        assert files.get(name.strip("`")) == file, f"README row names another mutant or file: {row}"

@@ -7,7 +7,7 @@ import logging
 from prometheus_client.parser import text_string_to_metric_families
 from test_routes import assert_success, image_bytes, upload
 
-from clip_service.logs import JsonLinesFormatter
+from clip_service.http.logs import JsonLinesFormatter
 
 
 def samples(client) -> dict:

@@ -35,8 +35,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
-from clip_service.access import OPEN_PATHS
-from clip_service.openapi import openapi_description
+from clip_service.http.access import OPEN_PATHS
+from clip_service.http.openapi import openapi_description
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
@@ -257,6 +257,8 @@ SCENARIOS = {
         ("GET", "/health", {}, 200),
         ("GET", "/metrics", {}, 200),
         ("GET", "/", {}, 200),
+        ("GET", "/static/page.css", {}, 200),
+        ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
         *[(method, path, NOT_UTF8, 400) for method, path in OPERATIONS],
     ],
@@ -274,6 +276,7 @@ SCENARIOS = {
         ("POST", "/analyze", {**upload, "headers": {"Authorization": f"Bearer {KEY}"}}, 200),
         ("GET", "/health", {}, 200),
         ("GET", "/", {}, 200),
+        ("GET", "/static/page.js", {}, 200),
         ("GET", "/openapi.json", {}, 200),
     ],
     "loading": [

@@ -9,8 +9,8 @@ from PIL import Image
 from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.errors import BadInput
-from clip_service.labels import ensemble_features
-from clip_service.options import MAX_REQUEST_LABELS, parse_options
+from clip_service.http.options import MAX_REQUEST_LABELS, parse_options
+from clip_service.vocabulary.features import ensemble_features
 
 GROUPS = ("animals", "foods", "people")
 
@@ -111,7 +111,7 @@ def test_request_labels_get_their_own_features(app):
     classifier = app.extensions["clip_service"].classifier
     templates = classifier.vocabulary.templates
     for labels in [("zebra", "giraffe"), ("lion", "giraffe", "okapi", "zebra")]:  # then partly cached
-        features = classifier.custom_features(labels)
+        features = classifier.candidates(labels=labels).features
         assert torch.allclose(features, own_features(classifier.engine, labels, templates), atol=1e-5), \
             f"{labels}: a label scored against another label's feature"
 
@@ -119,7 +119,8 @@ def test_request_labels_get_their_own_features(app):
 def test_groups_score_their_labels_own_features(app, client):
     classifier = app.extensions["clip_service"].classifier
     labels, features = classifier.label_set.labels, classifier.features
-    names, rows = classifier.candidates(groups=("people", "foods"))
+    candidates = classifier.candidates(groups=("people", "foods"))
+    names, rows = candidates.labels, candidates.features
     assert names == ("man", "woman", "astronaut", "banana", "coffee", "pizza")
     for name, row in zip(names, rows, strict=True):
         assert torch.equal(row, features[labels.index(name)]), f"{name} is scored against another row"

@@ -7,7 +7,8 @@ import threading
 import pytest
 from PIL import Image
 
-from clip_service.model import load_engine, parse_model_spec
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 
 SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
 ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
@@ -209,7 +210,7 @@ def test_unexpected_error_is_500_without_details(client, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr("clip_service.routes.parse_options", broken)
+    monkeypatch.setattr("clip_service.http.analyze.parse_options", broken)
     message = assert_error(upload(client, image_bytes()), 500)
     assert "secret" not in message and "Internal error" in message
 

@@ -83,6 +83,18 @@ def analyze_counts(port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
+def wait_listening(base: str, nginx: subprocess.Popen) -> requests.Response:
+    """nginx's first answer to /health, once it listens."""
+    deadline = time.monotonic() + 15
+    while True:
+        assert nginx.poll() is None, "nginx exited at start"
+        try:
+            return requests.get(f"{base}/health", timeout=5)
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            time.sleep(0.1)
+
+
 def uploads_served(port: int) -> float:
     return analyze_counts(port).get(("upload", "200"), 0.0)
 
@@ -116,15 +128,7 @@ def test_two_instances_behind_nginx_share_load_and_survive_one_stopping(server_e
             wait_healthy(port, process)
         nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
                                  stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
-        deadline = time.monotonic() + 15
-        while True:
-            assert nginx.poll() is None, (tmp_path / "error.log").read_text()
-            try:
-                health = requests.get(f"{base}/health", timeout=5)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.1)
+        health = wait_listening(base, nginx)
         assert health.status_code == 200 and health.json()["model_status"] == "loaded"
 
         # Both instances serve uploads sent through nginx, each request counted exactly once.

@@ -7,7 +7,7 @@ from PIL import Image
 from test_routes import assert_success, image_bytes, upload
 from tiny_clip import TINY_CONFIG, write_tiny_clip
 
-from clip_service.scoring import Prediction, label_probabilities, top_predictions
+from clip_service.tasks.classify import Prediction, label_probabilities, top_predictions
 
 
 def test_zero_shot_rule_is_scaled_cosine_softmax():

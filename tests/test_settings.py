@@ -87,4 +87,17 @@ def test_env_example_documents_every_setting_and_is_valid(tmp_path):
         assert variable in example, f"{variable} missing from .env.example"
         assert f"`{variable}`" in readme, f"{variable} missing from the README's table"
     settings = load_settings(PROJECT_ROOT / ".env.example", environ={})
-    assert settings.port == 7778 and settings.prompt_template == "" and settings.cors_origins == ("*",)
+    assert settings.port == 7778 and settings.prompt_template == "" and settings.cors_origins == ()
+
+
+def test_reading_settings_imports_no_torch():
+    """Tools that only read settings (and the settings' own validation of CLIP_MODEL) stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clip_service.settings as s; s.settings_from_mapping({'CLIP_MODEL': 'ViT-L/14'}); "
+            "print(sorted(name for name in ('torch', 'open_clip', 'flask') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,10 +10,11 @@ import torch
 from PIL import Image
 from tiny_clip import TINY_CONFIG, write_tiny_clip
 
-from clip_service.batching import MicroBatcher
-from clip_service.image_input import ImageLimits, decode_image
-from clip_service.model import load_engine, parse_model_spec
-from clip_service.scoring import label_probabilities
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.inputs.images import ImageLimits, decode_image
+from clip_service.runtime.batching import MicroBatcher
+from clip_service.tasks.classify import label_probabilities
 
 LIMITS = ImageLimits(64 * 1024 * 1024, 100_000_000)
 
@@ -106,7 +108,7 @@ def test_batched_answers_equal_unbatched(deep_text_engine):
     results = [None] * len(inputs)
 
     def submit(index):
-        results[index] = batcher.submit(inputs[index], timeout=30)
+        results[index] = batcher.submit(inputs[index], deadline=time.monotonic() + 30)
 
     threads = [threading.Thread(target=submit, args=(index,)) for index in range(len(inputs))]
     for thread in threads:
@@ -131,7 +133,7 @@ def test_lone_request_does_not_wait_for_company(deep_text_engine):
 
     batcher = MicroBatcher(encode, max_batch=8, max_wait_s=10.0, arriving=lambda: 1)
     pixels = deep_text_engine.prepare(Image.new("RGB", (64, 64)))
-    assert batcher.submit(pixels, timeout=5).shape == (32,)
+    assert batcher.submit(pixels, deadline=time.monotonic() + 5).shape == (32,)
     assert calls == [1]
 
 

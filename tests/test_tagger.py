@@ -15,12 +15,15 @@ import pytest
 from conftest import EMOJI, LABELS
 from image_samples import cat_photo, encode, quadrants
 
-from clip_service import __main__ as cli
-from clip_service import tagger
-from clip_service.model import load_engine, parse_model_spec
-from clip_service.service import build_classifier
+from clip_service import cli
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.library import tagger
+from clip_service.library.errors import LibraryError as TaggerError
+from clip_service.library.resume import scan_existing
+from clip_service.library.tagger import TagOptions, build_classifier
+from clip_service.library.walk import find_candidates
 from clip_service.settings import ENV_VARIABLES
-from clip_service.tagger import TaggerError, TagOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LABELS = {label for labels in LABELS.values() for label in labels}
@@ -163,7 +166,7 @@ def test_all_files_tries_everything_but_hidden_and_the_output(settings, classifi
 
 
 def test_find_candidates_order_and_filters(photos):
-    found = [path.as_posix() for path in tagger.find_candidates(photos)]
+    found = [path.as_posix() for path in find_candidates(photos)]
     assert found == ["cat.jpg", "corrupt.jpg", "quadrants.png", "sub/anim.gif", "sub/deeper/red.PNG"]
 
 
@@ -283,18 +286,18 @@ def test_resume_refuses_a_file_that_is_not_a_tagger_output(settings, classifier,
     ('{"path": "a.jpg"}\n\x00\x00\x00', {"a.jpg"}, 18),  # the NUL tail a power cut can leave
 ])
 def test_scan_jsonl(text, paths, kept):
-    assert tagger.scan_existing(text, "jsonl") == (paths, len(text) if kept is None else kept)
+    assert scan_existing(text, "jsonl") == (paths, len(text) if kept is None else kept)
 
 
 def test_scan_csv_row_spanning_lines():
     header = tagger.csv_header()
     row = tagger.format_record({"path": "odd\nname.jpg", "labels": ["cat"], "confidences": [0.5],
                                 "emoji": [None]}, "csv")
-    assert tagger.scan_existing(header + row, "csv") == ({"odd\nname.jpg"}, len(header + row))
+    assert scan_existing(header + row, "csv", tagger.CSV_HEADER) == ({"odd\nname.jpg"}, len(header + row))
     # Cut inside the quoted name, just after its line break: that row is unfinished.
     cut = header + row[:row.index("\n") + 1]
-    assert tagger.scan_existing(cut, "csv") == (set(), len(header))
-    assert tagger.scan_existing(header[:10], "csv") == (set(), 0)
+    assert scan_existing(cut, "csv", tagger.CSV_HEADER) == (set(), len(header))
+    assert scan_existing(header[:10], "csv", tagger.CSV_HEADER) == (set(), 0)
 
 
 # --- emoji -------------------------------------------------------------------------------------------

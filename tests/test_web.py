@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from clip_service.web import SECURITY_HEADERS
+from clip_service.http.page import SECURITY_HEADERS
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -27,17 +27,27 @@ def test_page_is_self_contained_html_with_csp(client):
     assert response.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
     assert "connect-src 'self'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+    policy = response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
     html = response.get_data(as_text=True)
     assert "<title>" in html and 'id="file"' in html and 'id="url"' in html
     lowered = html.lower()
-    for forbidden in ("<script src", "<link", "@import", "url(http", "url(//"):
-        assert forbidden not in lowered, forbidden
-    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", lowered)
+    assert "<style" not in lowered and "<script>" not in lowered, "no inline code: the CSP forbids it"
+    assert re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", lowered) == ["/static/page.css",
+                                                                        "/static/page.js"]
+    for name, mimetype in (("page.css", "text/css"), ("page.js", "text/javascript")):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.mimetype == mimetype
+        assert asset.headers["Content-Security-Policy"] == policy
+        text = asset.get_data(as_text=True).lower()
+        for forbidden in ("@import", "url(http", "url(//", "http://", "https://"):
+            assert forbidden not in text, (name, forbidden)
 
 
 def test_page_is_served_only_at_the_root(client):
-    response = client.get("/static/index.html")
-    assert response.status_code == 404
+    for path in ("/static/index.html", "/static/../web.py", "/static/%2e%2e%2fweb.py"):
+        response = client.get(path)
+        assert response.status_code == 404, path
     assert response.get_json()["status"] == "error"
 
 

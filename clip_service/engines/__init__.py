@@ -1,0 +1,1 @@
+"""Engines: what CLIP_MODEL names, and the runtimes that turn images and texts into features."""

@@ -1,0 +1,56 @@
+"""Image preparation that any engine can share: the model's input geometry and the Pillow-side steps.
+
+What is here works on Pillow images and numpy arrays only; turning them into a runtime's tensors and
+normalising them is the engine's part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How a model wants its images: size, resize rule and resampling filter (open_clip's config)."""
+
+    input_size: tuple[int, int]  # (H, W)
+    resize_mode: str  # "shortest" (resize the short side, centre-crop), "squash" or "longest"
+    resample: Image.Resampling
+
+    @classmethod
+    def from_open_clip(cls, config: dict) -> InputGeometry:
+        """From open_clip's preprocess config (get_model_preprocess_cfg)."""
+        size = config.get("size", 224)
+        # open_clip's eval transform: bilinear when asked for, bicubic otherwise ("random" included)
+        bilinear = config.get("interpolation") == "bilinear"
+        return cls((size, size) if isinstance(size, int) else tuple(size),
+                   config.get("resize_mode", "shortest"),
+                   Image.Resampling.BILINEAR if bilinear else Image.Resampling.BICUBIC)
+
+
+def resize_extreme_aspect(image: Image.Image, geometry: InputGeometry) -> Image.Image | None:
+    """Resize and centre-crop in one step for very long or tall images; None for the rest.
+
+    Resizing the short side of a 1 x 100,000 image to 224 first, as the plain transform does,
+    would build a 224 x 22,400,000 image (gigabytes). Resizing only the box that the centre crop
+    keeps, at the same scale, gives the same pixels.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    side, other_side = geometry.input_size
+    if geometry.resize_mode != "shortest" or long <= 4 * short or side != other_side:
+        return None
+    new_long = int(side * long / short)  # torchvision's Resize(side) output, long axis
+    top = int(round((new_long - side) / 2.0))  # torchvision's CenterCrop offset
+    scale = long / new_long
+    start, end = top * scale, (top + side) * scale
+    box = (start, 0, end, height) if width > height else (0, start, width, end)
+    return image.resize((side, side), geometry.resample, box=box)
+
+
+def uint8_pixels(image: Image.Image) -> np.ndarray:
+    """A resized RGB image -> its (H, W, 3) uint8 pixels, writable (a runtime may take them as is)."""
+    return np.array(image, dtype=np.uint8)

@@ -1,0 +1,1 @@
+"""The running model in a worker: loading it, admitting requests, batching them, and its health."""

@@ -1,0 +1,134 @@
+"""The model in this worker: loaded in the background, with what runs beside it, and stopped as one.
+
+Loading runs in a background thread so `/health` can say "loading" instead of the port hanging, and a
+failed load is reported as failed, never as healthy. Once loaded, the host runs the micro-batcher, the
+health canary and (CLIP_LABELS_WATCH) the labels watcher, and reloads the labels when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from clip_service import metrics
+from clip_service.engines.base import Engine
+from clip_service.engines.registry import default_batch_size, load_engine
+from clip_service.errors import NotReady
+from clip_service.runtime.batching import MicroBatcher
+from clip_service.runtime.health import Canary, Health
+from clip_service.settings import Settings
+from clip_service.tasks.classify import Classifier, EmojiSource
+from clip_service.vocabulary.features import Vocabulary
+from clip_service.vocabulary.reload import LabelReloader, load_vocabulary
+from clip_service.vocabulary.watcher import LabelsWatcher
+
+log = logging.getLogger(__name__)
+
+LOADING, LOADED, FAILED = "loading", "loaded", "failed"
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class ModelHost:
+    """Loads the engine and its classifier once, says how far that got, and stops what it started."""
+
+    def __init__(self, settings: Settings, emoji: EmojiSource, health: Health,
+                 arriving: Callable[[], int] = lambda: 0, engine: Engine | None = None):
+        self.settings = settings
+        self.emoji = emoji
+        self.health = health
+        self.arriving = arriving  # requests that may soon submit an image (admission's in_flight)
+        self.status = LOADING
+        self.error: str | None = None
+        self.classifier: Classifier | None = None
+        self.batcher: MicroBatcher | None = None
+        self._engine = engine
+        self._reloader: LabelReloader | None = None
+        self._model_info = metrics.ModelInfo()
+        self._settled = threading.Event()
+        self._running: list[Stoppable] = []
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="clip-loader", daemon=True).start()
+
+    def wait_until_settled(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    def ready(self) -> Classifier:
+        """The loaded classifier, or NotReady saying why there is none."""
+        if self.status == LOADED:
+            return self.classifier
+        if self.status == FAILED:
+            raise NotReady(f"The model failed to load: {self.error}")
+        raise NotReady("The model is still loading; retry in a few seconds")
+
+    def reload_labels(self) -> bool:
+        """Re-read labels and templates; encode only what changed; swap without stopping requests."""
+        return self._reloader is not None and self._reloader.reload()
+
+    def stop(self) -> None:
+        """Stop the batcher, canary and watcher (a thread inside torch at exit aborts the process)."""
+        with self._lock:
+            self._stopping = True
+            running, self._running = self._running, []
+        for part in running:
+            part.stop()
+
+    def _load(self) -> None:
+        try:
+            self._build()
+            self.status = LOADED
+            engine = self.classifier.engine
+            log.info("Ready: %s (%s weights) on %s with %s, %d labels", engine.name, engine.weights_source,
+                     engine.device_name, engine.backend, len(self.classifier.label_set))
+        except Exception as error:  # any load failure must show in /health, not kill the thread silently
+            self.error = f"{type(error).__name__}: {error}"
+            self.status = FAILED
+            log.error("Model load failed: %s", self.error)
+        finally:
+            self.health.model_settled(self.status == LOADED)
+            self._settled.set()
+
+    def _build(self) -> None:
+        settings = self.settings
+        engine = self._engine or load_engine(settings.model_spec, settings.device, settings.precision)
+        vocabulary = load_vocabulary(settings, engine)
+        batcher = MicroBatcher(engine.encode_images, settings.batch_max_size or default_batch_size(engine),
+                               settings.batch_wait_ms / 1000, arriving=self.arriving,
+                               on_batch=metrics.BATCH_SIZE.observe)
+        self._keep(batcher)
+        classifier = Classifier(engine, vocabulary, self.emoji, encode_image=batcher.submit)
+        self.batcher, self.classifier = batcher, classifier
+        self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
+        self._publish(vocabulary)
+        if settings.health_canary_seconds > 0:
+            self._keep(Canary(classifier.image_features, engine.input_size, settings.health_canary_seconds,
+                              settings.request_timeout, self.health), start=True)
+        if settings.labels_watch:
+            self._keep(LabelsWatcher(settings.labels_dir, settings.prompts_file, self.reload_labels),
+                       start=True)
+
+    def _keep(self, part, start: bool = False) -> None:
+        """Run `part` until stop; after stop (a load that finished late) it is stopped at once."""
+        with self._lock:
+            if not self._stopping:
+                self._running.append(part)
+                if start:
+                    part.start()
+                return
+        part.stop()
+
+    def _use_vocabulary(self, vocabulary: Vocabulary) -> None:
+        self.classifier.vocabulary = vocabulary
+        self._publish(vocabulary)
+
+    def _publish(self, vocabulary: Vocabulary) -> None:
+        engine = self.classifier.engine
+        self._model_info.publish(engine.name, engine.weights_source, engine.device_name, vocabulary.version,
+                                 len(vocabulary.label_set))

@@ -1,0 +1,156 @@
+"""Zero-shot classification: an image's features against candidate labels, scored into Predictions.
+
+CLIP's rule is cosine similarity times the logit scale, softmax over the candidates (sigmoid per label
+for SigLIP-style models). The candidates are the vocabulary, some of its groups, or a request's own
+labels. How an image becomes features (one at a time, or through the micro-batcher) is given to the
+Classifier, not chosen by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from clip_service.engines.base import Engine
+from clip_service.vocabulary.custom_labels import CustomLabelCache
+from clip_service.vocabulary.features import Vocabulary
+from clip_service.vocabulary.labels import LabelSet
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One label for one image, as /analyze and the tagger report it."""
+
+    label: str
+    confidence: float
+    emoji: str | None = None
+
+
+def label_probabilities(image_features: torch.Tensor, label_features: torch.Tensor,
+                        logit_scale: float, logit_bias: float | None = None) -> torch.Tensor:
+    """(N, D) image and (L, D) label features, both unit length -> (N, L) probabilities.
+
+    CLIP models were trained with a softmax over labels; SigLIP models (which carry a logit bias)
+    with an independent sigmoid per label, so each of their confidences is that label's own
+    probability and does not shrink as the vocabulary grows.
+    """
+    logits = logit_scale * image_features @ label_features.T
+    if logit_bias is not None:
+        return torch.sigmoid(logits + logit_bias)
+    return logits.softmax(dim=-1)
+
+
+def top_predictions(probabilities: torch.Tensor, labels: Sequence[str], threshold: float,
+                    limit: int, emoji_for: Callable[[str], str | None] = lambda _: None,
+                    ) -> list[Prediction]:
+    """(L,) probabilities of one image -> at most `limit` predictions at or above `threshold`.
+
+    The threshold applies to the rounded confidence, so a reported 0.010 always passes 0.01.
+    """
+    count = min(limit, probabilities.numel())
+    values, indices = probabilities.topk(count)
+    predictions = []
+    for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+        confidence = round(value, 3)
+        if confidence < threshold:
+            break
+        label = labels[index]
+        predictions.append(Prediction(label, confidence, emoji_for(label)))
+    return predictions
+
+
+class EmojiSource(Protocol):
+    def emoji_for(self, label: str) -> str | None: ...
+
+
+ImageEncoder = Callable[[torch.Tensor, float | None], torch.Tensor]  # ((3, H, W), deadline) -> (D,)
+
+
+def direct_encoder(engine: Engine) -> ImageEncoder:
+    """Encode each image alone in the calling thread (no batching; deadlines are not enforced)."""
+    return lambda pixels, deadline=None: engine.encode_images(pixels.unsqueeze(0))[0]
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """What one classification asks for: /analyze's per-request options, or the settings' defaults."""
+
+    threshold: float
+    limit: int
+    labels: tuple[str, ...] | None = None  # the request's own label set, instead of the vocabulary
+    groups: tuple[str, ...] | None = None  # only the labels of these files
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The labels an image is scored against, and their (L, D) features."""
+
+    labels: tuple[str, ...]
+    features: torch.Tensor
+
+
+class Classifier:
+    """A loaded engine with its vocabulary: everything a classification needs.
+
+    The vocabulary is swapped whole by a label reload while requests run; each call reads it once.
+    """
+
+    def __init__(self, engine: Engine, vocabulary: Vocabulary, emoji: EmojiSource,
+                 encode_image: ImageEncoder | None = None, custom_labels: CustomLabelCache | None = None):
+        self.engine = engine
+        self.vocabulary = vocabulary
+        self.emoji = emoji
+        self.encode_image = direct_encoder(engine) if encode_image is None else encode_image
+        self.custom_labels = CustomLabelCache(engine) if custom_labels is None else custom_labels
+
+    @property
+    def label_set(self) -> LabelSet:
+        return self.vocabulary.label_set
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.vocabulary.features
+
+    def image_features(self, image: Image.Image, deadline: float | None = None) -> torch.Tensor:
+        """(D,) unit feature of one image; `deadline` is a time.monotonic() value."""
+        return self.encode_image(self.engine.prepare(image), deadline)  # prepare: (3, H, W)
+
+    def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
+                   ) -> Candidates:
+        """A request's own labels, the labels of some groups, or (neither given) the whole vocabulary."""
+        vocabulary = self.vocabulary
+        if labels is not None:
+            return Candidates(labels, self.custom_labels.features(labels, vocabulary.templates))
+        if groups is not None:
+            group_rows = vocabulary.group_rows
+            rows = list(dict.fromkeys(row for group in groups for row in group_rows.get(group, ())))
+            return Candidates(tuple(vocabulary.label_set.labels[row] for row in rows),
+                              vocabulary.features[rows])
+        return Candidates(vocabulary.label_set.labels, vocabulary.features)
+
+    def classify(self, image: Image.Image, threshold: float, limit: int, deadline: float | None = None,
+                 labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
+                 ) -> list[Prediction]:
+        candidates = self.candidates(labels, groups)
+        if not candidates.labels:
+            return []
+        image_features = self.image_features(image, deadline).unsqueeze(0)  # (1, D)
+        return self.predictions(image_features, candidates, threshold, limit)[0]
+
+    def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
+                      ) -> list[list[Prediction]]:
+        """Several images in one forward pass against the vocabulary (the tagger's batches)."""
+        pixels = torch.stack([self.engine.prepare(image) for image in images])  # (N, 3, H, W)
+        return self.predictions(self.engine.encode_images(pixels), self.candidates(), threshold, limit)
+
+    def predictions(self, image_features: torch.Tensor, candidates: Candidates, threshold: float,
+                    limit: int) -> list[list[Prediction]]:
+        """(N, D) image features -> each image's predictions among the candidates."""
+        probabilities = label_probabilities(image_features, candidates.features, self.engine.logit_scale,
+                                            self.engine.logit_bias)
+        return [top_predictions(row, candidates.labels, threshold, limit, self.emoji.emoji_for)
+                for row in probabilities]

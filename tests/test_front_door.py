@@ -1,0 +1,302 @@
+"""The front door under gunicorn: overload, slow clients and odd framing, against CLIP.sh itself.
+
+The model is a real open_clip model whose image tower is slow on a CPU (256-pixel input, 8-pixel
+patches: 1,024 tokens) but whose weights are small, so requests really queue up.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+from conftest import free_port
+from test_routes import image_bytes
+from test_scale_out import nginx_command, nginx_config, wait_listening
+from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
+from tiny_clip import TINY_CONFIG, write_tiny_clip
+
+from clip_service.http.front_door import parse_head
+
+SLOW_CONFIG = copy.deepcopy(TINY_CONFIG)
+SLOW_CONFIG["vision_cfg"].update(image_size=256, patch_size=8, width=64, head_width=32, layers=2)
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory):
+    return write_tiny_clip(tmp_path_factory.mktemp("slow-clip"), model_cfg=SLOW_CONFIG)
+
+
+@pytest.fixture
+def door_server(server_env, slow_model_dir, tmp_path):  # noqa: F811
+    """CLIP.sh with its defaults (no THREADS, no MAX_QUEUE), the slow model, and a short deadline."""
+    env = {key: value for key, value in server_env.items() if key not in ("THREADS", "WORKERS")}
+    env.update(CLIP_MODEL=f"local-dir:{slow_model_dir}", REQUEST_TIMEOUT="3")
+    process = start(env, tmp_path / "door.log")
+    port = int(env["PORT"])
+    try:
+        wait_healthy(port, process)
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", ("GET", "/health", 0, False, None)),
+    (b"POST /analyze?x=1 HTTP/1.1\r\nContent-Length: 12\r\n\r\nbody", ("POST", "/analyze", 12, False, None)),
+    (b"POST http://h/analyze HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+     ("POST", "/analyze", 0, True, None)),
+    (b"POST /analyze HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+     ("POST", "/analyze", 3, False, (24, 46))),
+])
+def test_parse_head_reads_what_routing_and_sizing_need(raw, expected):
+    head = parse_head(raw)
+    assert (head.method, head.path, head.content_length, head.chunked, head.expect_line) == expected
+    assert head.size == raw.index(b"\r\n\r\n") + 4
+    if head.expect_line:
+        start, end = head.expect_line
+        assert raw[start:end] == b"Expect: 100-continue\r\n"
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+])
+def test_parse_head_refuses_malformed_heads(raw):
+    with pytest.raises(ValueError):
+        parse_head(raw)
+
+
+def upload_body(data: bytes) -> tuple[bytes, str]:
+    body = (b"--b\r\nContent-Disposition: form-data; name=file; filename=a.jpg\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--b--\r\n")
+    return body, "multipart/form-data; boundary=b"
+
+
+def read_answer(sock: socket.socket, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_overload_gets_503_at_once_deadlines_hold_and_health_stays_fast(door_server):
+    """300 clients at once, 2 uploads each, REQUEST_TIMEOUT=3, CLIP.sh's defaults."""
+    base, _ = door_server
+    data = image_bytes("JPEG", (1920, 1080), (200, 30, 30))
+    results, health, stop_polling = [], [], threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            for _ in range(2):
+                began = time.monotonic()
+                response = session.post(f"{base}/analyze", files={"file": ("a.jpg", data)}, timeout=30)
+                results.append((response.status_code, time.monotonic() - began,
+                                response.headers.get("Retry-After"), response.json()["status"]))
+
+    def poll_health():
+        while not stop_polling.is_set():
+            began = time.monotonic()
+            status = requests.get(f"{base}/health", timeout=10).status_code
+            health.append((time.monotonic() - began, status))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    clients = [threading.Thread(target=client) for _ in range(300)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    stop_polling.set()
+    poller.join()
+    counts = collections.Counter(status for status, *_ in results)
+    refused = [seconds for status, seconds, *_ in results if status == 503]
+    slowest, health_slowest = max(seconds for _, seconds, *_ in results), max(s for s, _ in health)
+    print(f"\n600 uploads: {dict(counts)}; slowest answer {slowest:.2f} s; slowest 503 "
+          f"{max(refused):.2f} s; /health slowest {health_slowest:.3f} s over {len(health)} polls")
+    assert set(counts) <= {200, 503, 504} and counts[200] >= 8 and counts[503] >= 300
+    assert all(retry == "1" for status, _, retry, _ in results if status == 503)
+    assert all(state == ("success" if status == 200 else "error") for status, _, _, state in results)
+    assert max(refused) < 1.0, "a refusal must come at once"
+    assert slowest < 3 + 1, "no answer later than REQUEST_TIMEOUT plus a second"
+    assert health_slowest < 1.0 and {status for _, status in health} == {200}
+
+
+def test_exactly_max_queue_uploads_are_handed_on_and_the_next_refused(door_server):
+    """33 uploads complete at the same moment with MAX_QUEUE=32: one 503, the 32 others are served."""
+    _, port = door_server
+    body, content_type = upload_body(image_bytes("JPEG", (1920, 1080), (30, 30, 200)))
+    message = (f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(32 + 1)]
+    answers: dict[int, bytes] = {}
+
+    def read_and_close(index: int) -> None:
+        # Each answer read at once and the socket closed, as clients do: gunicorn's closing
+        # handshake waits for the client to close too.
+        with sockets[index]:
+            answers[index] = read_answer(sockets[index])
+
+    for sock in sockets:  # all but the last byte: the door waits for whole requests
+        sock.sendall(message[:-1])
+    time.sleep(0.3)
+    for sock in sockets:  # a millisecond for all 33, far less than one upload takes to serve
+        sock.sendall(message[-1:])
+    readers = [threading.Thread(target=read_and_close, args=(index,)) for index in range(len(sockets))]
+    for thread in readers:
+        thread.start()
+    for thread in readers:
+        thread.join()
+    statuses = collections.Counter(int(answer.split(b" ", 2)[1]) for answer in answers.values())
+    refused = [answer for answer in answers.values() if answer.startswith(b"HTTP/1.1 503 ")]
+    assert len(answers) == len(sockets) and statuses[503] == 1, statuses
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert b"MAX_QUEUE=32" in refused[0] and b"Retry-After: 1" in refused[0]
+
+def drip(port: int, message: bytes, at_once: int, stop_dripping: threading.Event, answers: list) -> None:
+    """Send `at_once` bytes of message, then the rest a byte a second; keep what comes back."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(message[:at_once])
+        for index in range(at_once, len(message)):
+            if stop_dripping.is_set():
+                break
+            try:
+                sock.send(message[index:index + 1])
+            except OSError:  # cut at the deadline
+                break
+            time.sleep(1)
+        try:
+            answers.append(read_answer(sock, 2))
+        except OSError:
+            answers.append(b"")
+
+
+def traffic_beside_slow_clients(base: str, port: int, seconds: float, wait_for_cut: bool) -> list[bytes]:
+    """32 connections drip headers and 32 an upload body at 1 byte/s to `port`, while one client
+    checks /health and uploads at `base` for `seconds`. Then the drippers are stopped, or with
+    `wait_for_cut` left to the server to cut; returns what they got back."""
+    data = image_bytes("JPEG", (640, 480), (30, 200, 30))
+    body, content_type = upload_body(data)
+    header_drip = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    body_drip = (f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    stop_dripping, answers = threading.Event(), []
+    drippers = [threading.Thread(target=drip, args=(port, header_drip, 0, stop_dripping, answers))
+                for _ in range(32)]
+    drippers += [threading.Thread(target=drip, args=(port, body_drip, len(body_drip) - len(body),
+                                                     stop_dripping, answers)) for _ in range(32)]
+    for thread in drippers:
+        thread.start()
+    time.sleep(1.0)
+    health_times, upload_times, statuses = [], [], []
+    began = time.monotonic()
+    try:
+        while time.monotonic() - began < seconds:
+            moment = time.monotonic()
+            statuses.append(requests.get(f"{base}/health", timeout=10).status_code)
+            health_times.append(time.monotonic() - moment)
+            moment = time.monotonic()
+            statuses.append(requests.post(f"{base}/analyze", files={"file": ("a.jpg", data)},
+                                          timeout=10).status_code)
+            upload_times.append(time.monotonic() - moment)
+    finally:
+        if not wait_for_cut:
+            stop_dripping.set()
+        for thread in drippers:
+            thread.join(timeout=15)
+        stop_dripping.set()
+    print(f"\n64 slow connections: /health slowest {max(health_times):.3f} s, uploads slowest "
+          f"{max(upload_times):.3f} s over {len(upload_times)} uploads")
+    assert set(statuses) == {200}
+    assert max(health_times) < 1.0 and max(upload_times) < 2.0
+    return answers
+
+
+def test_slow_clients_leave_health_and_uploads_alone(door_server):
+    """Straight at CLIP.sh: the drippers cost nothing but a socket, and each is cut at its deadline."""
+    base, port = door_server
+    began = time.monotonic()
+    answers = traffic_beside_slow_clients(base, port, seconds=2.5, wait_for_cut=True)
+    cut = sum(answer.startswith(b"HTTP/1.1 408 ") for answer in answers)
+    print(f"{cut} of {len(answers)} drippers got 408 after {time.monotonic() - began:.1f} s")
+    assert cut == 64, "each dripper is cut at REQUEST_TIMEOUT"
+
+
+def test_framing_the_door_refuses_or_handles(door_server):
+    base, port = door_server
+    data = image_bytes("JPEG", (320, 240), (30, 30, 200))
+    body, content_type = upload_body(data)
+
+    def exchange(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(raw)
+            return read_answer(sock)
+
+    chunked = exchange(b"POST /analyze HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                       b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in chunked
+
+    began = time.monotonic()
+    huge = exchange(b"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + content_type.encode()
+                    + b"\r\nContent-Length: 999999999\r\n\r\n")
+    assert huge.startswith(b"HTTP/1.1 413 ") and time.monotonic() - began < 1.0
+
+    too_long = exchange(b"GET /health HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert too_long.startswith(b"HTTP/1.1 431 ")
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # curl's Expect: 100-continue
+        sock.sendall((f"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+                      ).encode())
+        sock.settimeout(5)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"100 Continue") == 0
+
+    garbage = exchange(b"NONSENSE\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 ")
+
+    # Keep-alive and pipelining: every request on one connection goes through the door too.
+    one = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    last = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    assert exchange(one + one + last).count(b"HTTP/1.1 200 ") == 3
+    with requests.Session() as session:
+        for _ in range(3):
+            assert session.post(f"{base}/analyze", files={"file": ("a.jpg", data)},
+                                timeout=10).status_code == 200
+
+
+def test_threads_beyond_max_queue_stop_start_up():
+    from clip_service.settings import SettingsError, settings_from_mapping
+
+    with pytest.raises(SettingsError, match="THREADS=16 exceeds MAX_QUEUE=8"):
+        settings_from_mapping({"THREADS": "16", "MAX_QUEUE": "8"})
+    assert settings_from_mapping({"MAX_QUEUE": "4"}).serving_threads == 4
+    assert settings_from_mapping({}).serving_threads == 8
+
+
+def test_slow_clients_through_nginx_leave_health_and_uploads_alone(door_server, tmp_path):
+    """The same drippers against services/nginx-clip.conf in front of CLIP.sh."""
+    _, service_port = door_server
+    nginx_port = free_port()
+    main = nginx_config(tmp_path, nginx_port, [service_port, service_port])
+    nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
+                             stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
+    base = f"http://127.0.0.1:{nginx_port}"
+    try:
+        wait_listening(base, nginx)
+        traffic_beside_slow_clients(base, nginx_port, seconds=2.5, wait_for_cut=False)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(timeout=10)
