@@ -147,8 +147,8 @@ MUTANTS = (
         "request-labels-misaligned",
         "labels= pairs the request's labels with each other's features",
         "clip_service/vocabulary/custom_labels.py",
-        "ensemble_features(self.encoder, missing, templates)",
-        "ensemble_features(self.encoder, missing, templates).flip(0)",
+        "zip(missing, self._encode(missing, templates, deadline), strict=True)",
+        "zip(missing, self._encode(missing, templates, deadline).flip(0), strict=True)",
         (f"{OPTIONS}::test_request_labels_replace_the_vocabulary",
          f"{OPTIONS}::test_request_label_features_are_cached",
          f"{OPTIONS}::test_request_labels_get_their_own_features"),
@@ -257,7 +257,7 @@ MUTANTS = (
         "clip_service/http/front_door.py",
         "if self.heavy_in_flight >= self.max_queue:",
         "if self.heavy_in_flight > self.max_queue:",
-        ("tests/test_front_door.py::test_exactly_max_queue_uploads_are_handed_on_and_the_next_refused",),
+        ("tests/test_overload.py::test_overload_refuses_with_503_and_health_stays_up",),
     ),
     Mutant(
         "file-opened-without-the-root",
@@ -411,8 +411,8 @@ def verdict(status: int | None) -> str:
 def first_failure(output: str) -> str:
     """The node id of the first failing test in pytest's short summary (-ra), or ''."""
     for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            return line.split()[1]
+        if line.startswith(("FAILED ", "ERROR ")):  # "FAILED <node id> - <message>"; ids may hold spaces
+            return line.split(" ", 1)[1].split(" - ", 1)[0]
     return ""
 
 

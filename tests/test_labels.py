@@ -1,9 +1,9 @@
 import hashlib
 import json
-import os
 
 import pytest
 import torch
+from system_tools import run_unprivileged, shared_folder
 
 from clip_service.settings import PROJECT_ROOT
 from clip_service.vocabulary.emoji import concept_key
@@ -93,14 +93,19 @@ def test_damaged_cache_is_rebuilt_not_used(tmp_path, damage):
     assert encoder.encoded == 6, "the rebuilt cache is valid and used"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_unwritable_cache_only_costs_the_cache(tmp_path):
-    tmp_path.chmod(0o500)
-    try:
-        features = build_vocabulary(CountingEncoder(), LABEL_SET, ("{}",), tmp_path / "cache").features
-    finally:
-        tmp_path.chmod(0o700)
-    assert features.shape == (3, 8)
+def test_unwritable_cache_only_costs_the_cache():
+    with shared_folder() as folder:
+        folder.chmod(0o555)
+
+        def check():  # as an unprivileged user, even when the suite runs as root (CI)
+            encoder = CountingEncoder()
+            features = build_vocabulary(encoder, LABEL_SET, ("{}",), folder / "cache").features
+            assert features.shape == (3, 8)
+            assert build_vocabulary(encoder, LABEL_SET, ("{}",), folder / "cache").features.shape == (3, 8)
+            assert encoder.encoded == 6, "nothing was cached, so the second build encodes again"
+
+        run_unprivileged(check)
+        assert list(folder.iterdir()) == []
 
 
 def test_cache_folder_that_is_a_file_only_costs_the_cache(tmp_path):

@@ -51,11 +51,11 @@ def assert_error(response, status, *fragments):
     return message
 
 
-def test_health_when_loaded(client):
+def test_health_when_loaded(client, settings):
     response = client.get("/health")
     assert response.status_code == 200
     assert response.get_json() == {"status": "healthy", "model_status": "loaded", "device": "cpu",
-                                   "num_labels": 10, "model": response.get_json()["model"]}
+                                   "num_labels": 10, "model": settings.clip_model}
 
 
 def test_upload_success_shape_and_emoji(client):
