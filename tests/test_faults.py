@@ -21,15 +21,16 @@ import time
 
 import pytest
 import requests
-from clip_service.emoji import EmojiMapper
-from clip_service.image_input import ImageLimits, decode_image
 from conftest import QuietHandler, free_port, serve_http, stop_http
 from fake_engines import DeviceFaultEngine, HangingEngine, OutOfMemoryEngine, load_tiny_engine
 from test_routes import assert_error, assert_success, image_bytes, upload
 from test_serving import ClipServer, server_env, start, stop, wait_healthy, worker_pids  # noqa: F401
 
-from clip_service.service import Classifier, load_vocabulary
+from clip_service.inputs.images import ImageLimits, decode_image
 from clip_service.settings import Settings
+from clip_service.tasks.classify import Classifier
+from clip_service.vocabulary.emoji import EmojiMapper
+from clip_service.vocabulary.reload import load_vocabulary
 
 
 @pytest.fixture(scope="module")
