@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from file_races import flipping_to_a_symlink
 from image_samples import BLUE, GREEN, RED, YELLOW, encode, png_declaring, quadrants
 from PIL import Image, ImageFile
 from system_tools import run_unprivileged, shared_folder
@@ -678,28 +679,14 @@ def test_a_folder_swapped_for_a_symlink_never_leads_outside(tmp_path):
     (root / "real-album").mkdir()
     (root / "real-album" / "photo.png").write_bytes(inside_data)
     raw = str(root / "album" / "photo.png")
-    stop = threading.Event()
-
-    def flip():
-        while not stop.is_set():
-            os.rename(root / "album", root / "parked")
-            os.symlink(outside, root / "album")
-            os.unlink(root / "album")
-            os.rename(root / "parked", root / "album")
-
-    flipper = threading.Thread(target=flip)
-    flipper.start()
     outcomes = []
-    try:
+    with flipping_to_a_symlink(root / "album", outside):
         for _ in range(2000):
             try:
                 real = check_file_access(raw, (root.resolve(),), private=False)
                 outcomes.append(read_file(raw, real, LIMITS.max_bytes, (root.resolve(),)))
             except ServiceError as error:
                 outcomes.append(error.status)
-    finally:
-        stop.set()
-        flipper.join()
     assert outside_data not in outcomes
     # 400: a component was swapped while check_file_access resolved it (readlink's EINVAL).
     assert set(outcomes) <= {inside_data, 400, 403, 404}
