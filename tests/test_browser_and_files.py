@@ -69,7 +69,8 @@ def test_pages_elsewhere_get_nothing_and_files_never_leak(
         stop(process)
     counts = {status: answers.count(status) for status in set(answers)}
     print(f"\n200 file= requests while a folder flips to a symlink outside the root: {counts}")
-    assert set(answers) <= {200, 403, 404}, counts
+    # 400: a component was swapped while the path was resolved (readlink's EINVAL), as in the unit test.
+    assert set(answers) <= {200, 400, 403, 404}, counts
     assert counts.get(200, 0) > 0 and len(set(answers)) > 1, "the race was not exercised"
     assert not any(outside_read), "a 200 named the outside (blue) picture"
     assert "Traceback" not in log
