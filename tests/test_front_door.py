@@ -271,3 +271,29 @@ def test_slow_clients_through_nginx_leave_health_and_uploads_alone(door_server, 
     finally:
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=10)
+
+
+def test_clients_that_never_close_do_not_stall_the_event_loop(door_server):
+    """40 clients each read a `Connection: close` answer and keep their socket open: gunicorn's own
+    graceful close would wait up to 2 s for each on the event loop, and /health with it."""
+    base, port = door_server
+    idle = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            idle.append(sock)
+        time.sleep(0.5)
+        slowest = 0.0
+        for _ in range(10):
+            began = time.monotonic()
+            assert requests.get(f"{base}/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.monotonic() - began)
+        for sock in idle:  # each got its answer, then the server closed its side
+            answer = read_answer(sock, 5)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}\n")
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"\n40 clients holding closed answers open: /health slowest {slowest:.3f} s")
+    assert slowest < 1.0
