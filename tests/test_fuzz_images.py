@@ -255,6 +255,23 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_growths(action, limit_mb: float) -> list[float]:
+    """Peak memory growth of `action()`, measured again once if over `limit_mb`.
+
+    The peak is the whole process's: another thread's allocation can land in one measurement, while
+    the bugs these checks guard against cost hundreds of megabytes every time. Compare the smallest.
+    """
+    growths = []
+    for _ in range(2):
+        reset_peak_rss()
+        before = rss_mb()
+        action()
+        growths.append(peak_rss_mb() - before)
+        if growths[-1] < limit_mb:
+            break
+    return growths
+
+
 TOTALS: Counter = Counter()
 
 
@@ -306,16 +323,16 @@ def test_real_bomb_is_refused_before_decoding(max_pixels, make_app, settings):
     """100 MB of pixels in ~100 KB: refused from the header, so memory barely moves."""
     client = make_app(dataclasses.replace(settings, max_image_pixels=max_pixels)).test_client()
     upload(client, seed("png_1x1"), "upload.bin")  # warm up
-    reset_peak_rss()
-    before = rss_mb()
-    response = upload(client, seed("png_bomb_10000x10000"), "upload.bin")
-    peak_growth = peak_rss_mb() - before
-    print(f"\n[fuzz] PNG bomb 10000x10000, MAX_IMAGE_PIXELS={max_pixels}: HTTP {response.status_code}, "
-          f"peak RSS +{peak_growth:.0f} MB")
-    assert check_outcome(response) == 400
-    message = response.get_json()["error"]["message"]
-    assert "10000x10000" in message and "MAX_IMAGE_PIXELS" in message and str(max_pixels) in message
-    assert peak_growth < 50, f"the refused bomb still cost +{peak_growth:.0f} MB"
+    responses = []
+    bomb = seed("png_bomb_10000x10000")
+    growths = peak_growths(lambda: responses.append(upload(client, bomb, "upload.bin")), 50)
+    print(f"\n[fuzz] PNG bomb 10000x10000, MAX_IMAGE_PIXELS={max_pixels}: HTTP {responses[-1].status_code}, "
+          f"peak RSS +{min(growths):.0f} MB")
+    for response in responses:
+        assert check_outcome(response) == 400
+        message = response.get_json()["error"]["message"]
+        assert "10000x10000" in message and "MAX_IMAGE_PIXELS" in message and str(max_pixels) in message
+    assert min(growths) < 50, f"the refused bomb still cost {growths} MB"
 
 
 def test_animated_gif_costs_one_frame(client):
@@ -332,18 +349,21 @@ def test_extreme_aspect_ratio_stays_cheap(name, client):
     would make the long side 6.4 (22.4) million pixels: gigabytes for a file of a few hundred bytes.
     """
     upload(client, seed("png_1x1"), "upload.bin")  # warm up the model path
-    reset_peak_rss()
-    before = rss_mb()
-    started = time.perf_counter()
-    with no_hang(HANG_SECONDS):
-        response = upload(client, seed(name), "upload.bin")
-    elapsed = time.perf_counter() - started
-    peak_growth = peak_rss_mb() - before
-    print(f"\n[fuzz] {name}: HTTP {response.status_code}, {elapsed:.2f} s, peak RSS +{peak_growth:.0f} MB")
-    assert check_outcome(response) == 200
-    assert peak_growth < RSS_GROWTH_LIMIT_MB, (
-        f"{name} ({len(seed(name))} bytes) peaked at +{peak_growth:.0f} MB")
-    assert elapsed < 1.0, f"{name} took {elapsed:.2f} s"
+    responses, timings = [], []
+
+    def send():
+        started = time.perf_counter()
+        with no_hang(HANG_SECONDS):
+            responses.append(upload(client, seed(name), "upload.bin"))
+        timings.append(time.perf_counter() - started)
+
+    peaks = peak_growths(send, RSS_GROWTH_LIMIT_MB)
+    for response, elapsed in zip(responses, timings, strict=True):
+        assert check_outcome(response) == 200
+        assert elapsed < 1.0, f"{name} took {elapsed:.2f} s"
+    shown = ", ".join(f"+{peak:.0f}" for peak in peaks)
+    print(f"\n[fuzz] {name}: HTTP {responses[-1].status_code}, peak RSS {shown} MB")
+    assert min(peaks) < RSS_GROWTH_LIMIT_MB, f"{name} ({len(seed(name))} bytes) peaked at {shown} MB"
 
 
 # ----------------------------------------------------------------------------------------------
