@@ -1,7 +1,7 @@
 """Batch benchmark: 16 images in one POST /analyze/batch against 16 sequential POST /analyze requests,
 one client, on the service exactly as CLIP.sh starts it.
 
-    .venv/bin/python bench/batch.py [--arch ViT-B-32 | --model CLIP_MODEL] [--images 16] [--rounds 5]
+    .venv/bin/python -m bench.batch [--arch ViT-B-32 | --model CLIP_MODEL] [--images 16] [--rounds 5]
 
 Both ways send the same 640x480 JPEG photos (scikit-image's astronaut, chelsea, coffee, in turn) from one
 thread with one keep-alive connection, and both answers are checked (16 successes with predictions).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,7 @@ from pathlib import Path
 import requests
 from urllib3.filepost import encode_multipart_formdata
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import (  # noqa: E402  (bench/ is not a package; it runs as a script)
+from bench.speed import (
     ROOT,
     OtherCpu,
     git_state,

@@ -1,6 +1,6 @@
 """Search benchmark: how fast the photo index answers, and what it costs per image.
 
-    .venv/bin/python bench/search.py [--images 100000] [--dimensions 512] [--queries 200] [--no-server]
+    .venv/bin/python -m bench.search [--images 100000] [--dimensions 512] [--queries 200] [--no-server]
 
 It writes an index of N random unit vectors (paths like `2024/08/IMG_012345.jpg`) with the service's own
 writer, then measures:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -27,15 +26,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, git_state, log, service_server, start  # noqa: E402  (bench/ runs as a script)
-
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from tiny_clip import TINY_CONFIG, write_tiny_clip  # noqa: E402
-
-from clip_service.engines.spec import model_identity, parse_model_spec  # noqa: E402
-from clip_service.library.photo_index import read_index, write_index  # noqa: E402
-from clip_service.tasks.search import best_matches  # noqa: E402
+from bench.speed import ROOT, git_state, log, service_server, start
+from clip_service.engines.spec import model_identity, parse_model_spec
+from clip_service.library.photo_index import read_index, write_index
+from clip_service.tasks.search import best_matches
+from tests.support.models import TINY_CONFIG, write_tiny_clip
 
 TARGET_MS = 50.0
 WORDS = ("dog", "cat", "beach", "mountain", "red", "car", "birthday", "snow", "city", "night", "tree", "boat")

@@ -5,7 +5,7 @@ machine: `CLIP_PRECISION` (fp32, bf16 on CPUs with AMX, fp16 on CUDA) and torch.
 the speed issue; not used by the service, see RESULTS.md). Random weights: speed does not depend on
 them.
 
-    .venv/bin/python bench/tower.py [--arch ViT-B-32] [--device cpu] [--compile]
+    .venv/bin/python -m bench.tower [--arch ViT-B-32] [--device cpu] [--compile]   # from the root
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""POST /analyze/batch and the drop-in aliases of /analyze, through Flask's test client.
+"""POST /analyze/batch and the drop-in aliases of /analyze (http/analyze.py), through Flask's test client.
 
 (tests/test_dropin.py sends the orchestrator's own calls to the real server started by CLIP.sh.)
 """
@@ -9,9 +9,10 @@ import dataclasses
 import io
 
 import pytest
-from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.http.limits import MULTIPART_OVERHEAD
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 COLOURS = [(200, 30, 30), (30, 40, 210), (30, 200, 40), (230, 220, 30), (120, 120, 120)]
 

@@ -15,11 +15,14 @@ import io
 import time
 
 import numpy as np
+import pytest
 import requests
-from test_routes import image_bytes
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
 
 from clip_service.http.limits import MULTIPART_OVERHEAD
+from tests.support.images import image_bytes
+from tests.support.server import start, stop, wait_healthy
+
+pytestmark = pytest.mark.system
 
 
 def post_image_bytes(url: str, data: bytes, timeout: float = 30) -> requests.Response:
@@ -37,7 +40,7 @@ def check_service_health(host: str, port: int, timeout: float = 2) -> bool:
         return False
 
 
-def test_the_orchestrators_calls_through_clip_sh(server_env, tmp_path, local_server):  # noqa: F811
+def test_the_orchestrators_calls_through_clip_sh(server_env, tmp_path, local_server):
     env = {**server_env, "MAX_IMAGE_BYTES": "200000", "BATCH_FILES_MAX": "4"}
     data = image_bytes("JPEG", (640, 480), (40, 120, 200))
     (tmp_path / "photo.jpg").write_bytes(data)
@@ -92,7 +95,7 @@ def test_the_orchestrators_calls_through_clip_sh(server_env, tmp_path, local_ser
         assert stop(process) == 0
 
 
-def test_a_broken_service_fails_the_orchestrators_health_check(server_env, tmp_path):  # noqa: F811
+def test_a_broken_service_fails_the_orchestrators_health_check(server_env, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 8}}')

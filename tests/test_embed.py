@@ -1,5 +1,5 @@
-"""/embed and tasks/embed.py: images and texts as unit vectors, in order, exactly the features /analyze
-scores, as float lists or base64; and every refusal in the error shape."""
+"""/embed (http/embed.py) and tasks/embed.py: images and texts as unit vectors, in order, exactly the
+features /analyze scores, as float lists or base64; and every refusal in the error shape."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.tasks.embed import Embedder, base64_rows, float_lists
+from clip_service.vocabulary.custom_labels import CustomLabelCache
+from tests.support.engines import GatedEngine
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 EMBED_KEYS = {"service", "status", "embeddings", "metadata"}
 COLOURS = [(200, 30, 30), (30, 40, 210), (30, 200, 40)]
@@ -127,8 +130,6 @@ def test_text_embeddings_reuse_the_label_caches(app):
             calls.append(len(texts))
             return encode(texts)
 
-    from clip_service.vocabulary.custom_labels import CustomLabelCache
-
     embedder = Embedder(classifier, CustomLabelCache(Counting()))
     classifier.custom_labels = CustomLabelCache(Counting())
     embedder.texts(["cat", "a dog on a beach"], prompts=True)  # cat: a vocabulary row, not encoded
@@ -179,33 +180,15 @@ def test_bad_image_inputs_are_refused_naming_the_file(make_app, settings):
 
 
 def test_not_ready_is_503_before_anything_is_encoded(make_app, settings, tiny_engine):
-    import threading
-
-    from fake_engines import EngineWrapper
-
-    gate = threading.Event()
-
-    class Loading(EngineWrapper):
-        @property
-        def identity(self):
-            gate.wait(10)
-            return self._engine.identity
-
-    app = make_app(settings, engine=Loading(tiny_engine), wait=False)
+    engine = GatedEngine(tiny_engine)
+    app = make_app(settings, engine=engine, wait=False)
     try:
         response = app.test_client().get("/embed?text=cat")
         assert_error(response, 503, "still loading")
         assert response.headers["Retry-After"]
     finally:
-        gate.set()
+        engine.gate.set()
         assert app.extensions["clip_service"].wait_until_settled(30)  # no load left running at exit
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    from fake_engines import load_tiny_engine
-
-    return load_tiny_engine(tiny_model_dir)
 
 
 def test_texts_share_the_token_budget_of_labels(make_app, settings):

@@ -1,4 +1,5 @@
-"""`index` and `search` on the command line (library/indexer.py, library/photo_index.py, tasks/search.py).
+"""`index` and `search` on the command line (cli.py, library/indexer.py, library/photo_index.py,
+library/batches.py, tasks/search.py).
 
 The colour-trained model (tests/trained_clip.py) knows colours, so "a red circle" must find the red
 pictures of a folder of mixed colours, and a red photo must find red ones.
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trained_clip import COLOURS, draw_picture, write_pictures
 
 from clip_service import cli
 from clip_service.engines.registry import load_engine
@@ -27,8 +27,10 @@ from clip_service.library.errors import LibraryError
 from clip_service.library.indexer import IndexOptions, journal_path
 from clip_service.library.photo_index import PhotoIndexError, read_index, write_index
 from clip_service.library.pipeline import read_image
-from clip_service.settings import ENV_VARIABLES, Settings
+from clip_service.settings import Settings
 from clip_service.tasks.search import best_matches
+from tests.support.server import clean_environment
+from tests.support.trained_clip import COLOURS, draw_picture, write_pictures
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"^indexed (\d+), skipped (\d+), already done (\d+) in [\d.]+ s", re.MULTILINE)
@@ -207,10 +209,8 @@ def test_a_damaged_index_is_refused_and_odd_names_survive(tmp_path):
 
 
 def command_env(trained_model_dir, tmp_path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ENV_VARIABLES}
-    env.update({"CLIP_MODEL": f"local-dir:{trained_model_dir}", "CLIP_CACHE_DIR": str(tmp_path / "cache"),
-                "CLIP_ENV_FILE": "/nonexistent/.env", "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
-    return env
+    return clean_environment({"CLIP_MODEL": f"local-dir:{trained_model_dir}", "CLIP_DEVICE": "cpu",
+                              "CLIP_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)})
 
 
 def test_index_and_search_commands(trained_model_dir, library, tmp_path):
@@ -265,11 +265,8 @@ def test_bad_arguments_exit_2_with_one_line(arguments, fragment, capsys):
     assert error.startswith("clip-service: ") and error.count("\n") == 1 and fragment in error
 
 
-def test_search_needs_text_or_like_and_an_index(trained_model_dir, tmp_path, monkeypatch, capsys):
-    for name in ENV_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLIP_ENV_FILE", "/nonexistent/.env")
-    monkeypatch.setenv("CLIP_MODEL", f"local-dir:{trained_model_dir}")
+def test_search_needs_text_or_like_and_an_index(trained_model_dir, tmp_path, clean_env, capsys):
+    clean_env.setenv("CLIP_MODEL", f"local-dir:{trained_model_dir}")
     assert cli.main(["search", str(tmp_path / "i")]) == 2
     assert "TEXT) or --like PHOTO" in capsys.readouterr().err
     assert cli.main(["search", str(tmp_path / "i"), "red", "--like", "x.jpg"]) == 2

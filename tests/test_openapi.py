@@ -13,7 +13,6 @@ import dataclasses
 import io
 import re
 import socket
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,8 +24,6 @@ import pytest
 import requests
 import schemathesis
 import torch
-from fake_engines import DeviceFaultEngine, EngineWrapper, SlowEngine, load_tiny_engine
-from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.pytest._test_builder import build_operation_test
@@ -45,16 +42,12 @@ from clip_service.http.limits import MULTIPART_OVERHEAD
 from clip_service.http.openapi import openapi_description
 from clip_service.library.photo_index import write_index
 from clip_service.settings import Settings
+from tests.support.engines import DeviceFaultEngine, GatedEngine, SlowEngine
+from tests.support.images import image_bytes
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # Flask adds these to every rule
-
-
-def png_bytes(size=(64, 48), colour=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def served(client) -> dict:
@@ -202,23 +195,6 @@ def test_schemathesis_finds_nothing(app, refused_beyond_loopback, method, path):
 
 # --- every documented status, answered and checked the same way ---------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
-
-
-class LoadingEngine(EngineWrapper):
-    """Label encoding, and so loading, waits until `done` is set."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.done = threading.Event()
-
-    def encode_texts(self, texts):
-        assert self.done.wait(30)
-        return self._engine.encode_texts(texts)
-
-
 def broken_model_dir(tmp_path):
     folder = tmp_path / "broken-model"
     folder.mkdir()
@@ -229,7 +205,7 @@ def broken_model_dir(tmp_path):
 
 KEY = "s3cret-key"
 LIMIT = 20_000  # MAX_IMAGE_BYTES of the "small" scenario
-PNG = png_bytes()
+PNG = image_bytes("PNG", (64, 48))
 
 
 def form(**fields):
@@ -424,8 +400,8 @@ def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
     if name == "keyed":
         return make_app(replace(settings, api_key=KEY), engine=tiny_engine), None
     if name == "loading":
-        engine = LoadingEngine(tiny_engine)
-        return make_app(settings, engine=engine, wait=False), engine.done.set
+        engine = GatedEngine(tiny_engine)
+        return make_app(settings, engine=engine, wait=False), engine.gate.set
     if name == "failed":
         return make_app(replace(settings, clip_model=f"local-dir:{broken_model_dir(tmp_path)}")), None
     if name == "busy":

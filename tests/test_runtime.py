@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from fake_engines import load_tiny_engine
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -45,6 +44,18 @@ def test_a_failing_request_gives_its_place_back():
     assert admission.in_flight == 0
     with admission.admitted():
         assert admission.in_flight == 1
+
+
+def test_the_deadline_counts_from_arrival_not_admission():
+    """Time spent waiting for a thread counts: a request that arrived too long ago gets 504 at once."""
+    admission = Admission(max_queue=2, request_timeout=3.0)
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT=3 s") as caught, \
+            admission.admitted(arrived=time.monotonic() - 3.0 - 1):
+        pass
+    assert caught.value.status == 504 and admission.in_flight == 0
+    arrived = time.monotonic() - 2.0
+    with admission.admitted(arrived=arrived) as deadline:
+        assert deadline == pytest.approx(arrived + 3.0, abs=1e-9)
 
 
 # --- health ------------------------------------------------------------------------------------------
@@ -91,11 +102,6 @@ def test_canary_needs_finite_features(value, healthy):
 
 
 # --- the host ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
 
 
 def make_host(settings, engine=None) -> ModelHost:

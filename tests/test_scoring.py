@@ -4,10 +4,11 @@ import io
 import pytest
 import torch
 from PIL import Image
-from test_routes import assert_success, image_bytes, upload
-from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.tasks.classify import Prediction, label_probabilities, top_predictions
+from tests.support.images import image_bytes
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.responses import assert_success, upload
 
 
 def test_zero_shot_rule_is_scaled_cosine_softmax():
@@ -31,6 +32,22 @@ def test_top_predictions_sorted_thresholded_limited_and_rounded():
         Prediction("b", 0.6), Prediction("d", 0.3)]
 
 
+def test_threshold_applies_to_the_reported_confidence():
+    probabilities = torch.tensor([0.25, 0.00996, 0.0094, 0.7346])
+    labels = ["at", "rounds up", "rounds down", "top"]
+    result = top_predictions(probabilities, labels, threshold=0.01, limit=10)
+    assert result == [Prediction("top", 0.735), Prediction("at", 0.25), Prediction("rounds up", 0.01)], \
+        "a reported 0.010 passes threshold 0.01, a reported 0.009 does not"
+    assert top_predictions(probabilities, labels, threshold=0.25, limit=10) == [
+        Prediction("top", 0.735), Prediction("at", 0.25)], "a confidence exactly at the threshold passes"
+
+
+def test_limit_is_exact():
+    probabilities = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    for limit in (1, 2, 3):
+        assert len(top_predictions(probabilities, ["a", "b", "c", "d"], 0.0, limit)) == limit
+
+
 def test_limit_larger_than_vocabulary():
     assert len(top_predictions(torch.tensor([0.5, 0.5]), ["x", "y"], 0.0, 10)) == 2
 
@@ -50,8 +67,9 @@ def test_sigmoid_model_end_to_end(make_app, settings, tmp_path):
     app = make_app(dataclasses.replace(settings, clip_model=f"local-dir:{folder}"))
     classifier = app.extensions["clip_service"].classifier
     assert classifier.engine.logit_bias == pytest.approx(-2.0)
-    predictions = assert_success(upload(app.test_client(), image_bytes()))["predictions"]
-    image = classifier.image_features(Image.open(io.BytesIO(image_bytes())).convert("RGB"))
+    data = image_bytes()
+    predictions = assert_success(upload(app.test_client(), data))["predictions"]
+    image = classifier.image_features(Image.open(io.BytesIO(data)).convert("RGB"))
     expected = torch.sigmoid(classifier.engine.logit_scale * classifier.features @ image - 2.0)
     by_label = dict(zip(classifier.label_set.labels, expected.tolist(), strict=True))
     for prediction in predictions:

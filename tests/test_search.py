@@ -1,4 +1,5 @@
-"""/search, /search/index and /search/thumbnail through Flask's test client, on the colour-trained model.
+"""/search, /search/index and /search/thumbnail (http/search.py, tasks/search.py, inputs/thumbnails.py)
+through Flask's test client, on the colour-trained model.
 
 (tests/test_search_serving.py runs the same through CLIP.sh and the web page in chromium.)
 """
@@ -11,14 +12,14 @@ import os
 
 import pytest
 from PIL import Image
-from test_routes import assert_error
-from trained_clip import COLOURS, draw_picture, write_pictures
 
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
 from clip_service.library import indexer
 from clip_service.library.indexer import IndexOptions
 from clip_service.settings import Settings
+from tests.support.responses import assert_error
+from tests.support.trained_clip import COLOURS, draw_picture, write_pictures
 
 PER_COLOUR = 6
 SEARCH_KEYS = {"service", "status", "matches", "metadata"}

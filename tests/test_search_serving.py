@@ -7,7 +7,6 @@ real server, and thumbnails come only from the indexed folder.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -17,20 +16,20 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
-from trained_clip import COLOURS, draw_picture, write_pictures
 
 from clip_service.library.photo_index import read_index
-from clip_service.settings import ENV_VARIABLES
+from tests.support.server import clean_environment, start, stop, wait_healthy
+from tests.support.trained_clip import COLOURS, draw_picture, write_pictures
+
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_COLOUR = 6
 
 
 def index_command(model: str, folder: Path, output: Path, cache: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key not in ENV_VARIABLES}
-    env.update({"CLIP_MODEL": model, "CLIP_CACHE_DIR": str(cache), "CLIP_ENV_FILE": "/nonexistent/.env",
-                "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
+    env = clean_environment({"CLIP_MODEL": model, "CLIP_CACHE_DIR": str(cache), "CLIP_DEVICE": "cpu",
+                             "PYTHONPATH": str(ROOT)})
     command = [sys.executable, "-m", "clip_service", "index", str(folder), "-o", str(output), "-q"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -46,7 +45,7 @@ def library(trained_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     return folder, output
 
 
-def test_search_through_clip_sh(server_env, library, trained_model_dir, tmp_path):  # noqa: F811
+def test_search_through_clip_sh(server_env, library, trained_model_dir, tmp_path):
     folder, index = library
     env = {**server_env, "CLIP_MODEL": f"local-dir:{trained_model_dir}", "SEARCH_INDEX": str(index),
            "ALLOWED_FILE_ROOTS": str(folder)}
@@ -89,7 +88,7 @@ def test_search_through_clip_sh(server_env, library, trained_model_dir, tmp_path
         assert stop(process) == 0
 
 
-def test_an_index_of_another_model_stops_start_up_with_one_line(server_env, library, tmp_path):  # noqa: F811
+def test_an_index_of_another_model_stops_start_up_with_one_line(server_env, library, tmp_path):
     process = start({**server_env, "SEARCH_INDEX": str(library[1])}, tmp_path / "refused.log")  # tiny model
     assert process.wait(timeout=60) == 2
     last = (tmp_path / "refused.log").read_text().strip().splitlines()[-1]

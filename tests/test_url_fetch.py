@@ -14,11 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from image_samples import cat_png
 
 from clip_service.errors import BadInput, DeadlineExceeded, Forbidden, TooLarge, UpstreamFailed
 from clip_service.inputs import url_fetch
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, AddressGuard, UrlFetcher, refusal_reason
+from tests.support.images import cat_png
 
 CAT_PNG = cat_png()
 LIMIT = 400_000
@@ -436,6 +436,18 @@ def test_allowlist_of_another_network_does_not_allow_loopback(server, network_fe
     with pytest.raises(Forbidden, match="loopback"):
         fetcher("10.0.0.0/8", "images.test").fetch(f"{server.base}/cat.png")
     assert server.requests == []
+
+
+def test_proxy_from_the_environment_is_not_used(server, network_fence, monkeypatch):
+    """A proxy would resolve and connect to the target itself, out of the guard's sight."""
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, server.base)  # the test server answers proxied requests too
+    with pytest.raises(Forbidden, match=r"10\.0\.0\.1 is a private address"):
+        fetcher("127.0.0.1").fetch("http://10.0.0.1/cat.png")
+    assert server.requests == []
+    assert network_fence == []
 
 
 # ---------------------------------------------------------------------------------------------------

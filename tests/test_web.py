@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import threading
 from pathlib import Path
 
 import pytest
-from system_tools import find_program, unavailable
-from trained_clip import COLOURS, draw_picture, write_labels, write_pictures
-from werkzeug.serving import make_server
 
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 from clip_service.http.page import SECURITY_HEADERS
+from clip_service.library import indexer
+from tests.support.guard import require_system_test
+from tests.support.http_fixtures import serve_app, stop_http
+from tests.support.system import find_program, unavailable
+from tests.support.trained_clip import COLOURS, draw_picture, write_labels, write_pictures
 
 CHROMIUM = find_program("chromium")  # on the PATH, as .ci/run checks it
 
@@ -53,23 +56,17 @@ def test_page_is_served_only_at_the_root(client):
     assert response.get_json()["status"] == "error"
 
 
-def serve(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server
-
-
 @pytest.fixture
 def live_url(app):
-    server = serve(app)
+    server = serve_app(app)
     yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
+    stop_http(server)
 
 
 @pytest.fixture
 def page(live_url):
+    """chromium (through Playwright) on the live page; the test fails on any script error."""
+    require_system_test("chromium")
     if CHROMIUM is None:
         unavailable("no browser: chromium is not on the PATH (apt-get install chromium)")
     try:
@@ -107,6 +104,7 @@ def shown_time(seconds: float) -> str:
     return f"{int(seconds * 1000 + 0.5)} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+@pytest.mark.system
 def test_upload_shows_predictions_in_browser(page, photo):
     with page.expect_response("**/analyze") as answer:
         page.set_input_files("#file", str(photo))
@@ -133,12 +131,14 @@ def test_upload_shows_predictions_in_browser(page, photo):
         page.screenshot(path=shot, full_page=True)
 
 
+@pytest.mark.system
 def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, settings, trained_model_dir,
                                                                tmp_path):
-    """On the model trained to name colours (tests/trained_clip.py) the page names what it is shown."""
+    """On the model trained to name colours (tests/support/trained_clip.py) the page names what it
+    is shown."""
     labels = write_labels(tmp_path / "labels", {"colours": COLOURS})
-    server = serve(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
-                                                labels_dir=labels)))
+    server = serve_app(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
+                                                    labels_dir=labels)))
     try:
         for colour, shape, seed in (("red", "circle", 80_000), ("blue", "square", 80_001)):
             path = tmp_path / f"{colour}.png"
@@ -149,10 +149,10 @@ def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, se
             assert page.locator("#predictions li.row .label").first.inner_text().strip() == colour
             assert page.locator("#status").inner_text().startswith(f"Most likely: {colour} (")
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_http(server)
 
 
+@pytest.mark.system
 def test_url_error_is_shown_in_plain_words(page):
     page.fill("#url", "http://127.0.0.1:9/x.jpg")
     page.click("#url-button")
@@ -163,6 +163,7 @@ def test_url_error_is_shown_in_plain_words(page):
     assert page.locator("#predictions li").count() == 0
 
 
+@pytest.mark.system
 def test_network_failure_is_shown_in_plain_words(page, live_url):
     page.route("**/analyze**", lambda route: route.abort("connectionrefused"))
     page.fill("#url", "https://example.com/cat.jpg")
@@ -172,8 +173,9 @@ def test_network_failure_is_shown_in_plain_words(page, live_url):
     assert "Could not reach the service" in status.inner_text()
 
 
+@pytest.mark.system
 def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
-    server = serve(make_app(dataclasses.replace(settings, api_key="s3cret")))
+    server = serve_app(make_app(dataclasses.replace(settings, api_key="s3cret")))
     try:
         page.goto(f"http://127.0.0.1:{server.server_port}/")
         page.set_input_files("#file", str(photo))
@@ -184,22 +186,19 @@ def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
         page.set_input_files("#file", str(photo))
         page.locator("#predictions li.row").nth(9).wait_for(timeout=30_000)
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_http(server)
 
 
+@pytest.mark.system
 def test_no_search_box_without_a_photo_index(page):
     page.locator("#status").wait_for()
     page.wait_for_load_state("networkidle")
     assert page.locator("#search-card").is_hidden()
 
 
+@pytest.mark.system
 def test_the_search_box_shows_the_matching_photos(page, make_app, settings, trained_model_dir, tmp_path):
     """With SEARCH_INDEX (and an API key, so thumbnails must be fetched with it) the page finds photos."""
-    from clip_service.engines.registry import load_engine
-    from clip_service.engines.spec import parse_model_spec
-    from clip_service.library import indexer
-
     folder = tmp_path / "photos"
     write_pictures(folder, COLOURS, 3)
     model = f"local-dir:{trained_model_dir}"
@@ -207,8 +206,8 @@ def test_the_search_box_shows_the_matching_photos(page, make_app, settings, trai
     index = tmp_path / "photos.clipindex"
     indexer.run(indexer.IndexOptions(folder, index), dataclasses.replace(settings, clip_model=model),
                 lambda: engine)
-    server = serve(make_app(dataclasses.replace(settings, clip_model=model, search_index=index,
-                                                api_key="s3cret")))
+    server = serve_app(make_app(dataclasses.replace(settings, clip_model=model, search_index=index,
+                                                    api_key="s3cret")))
     try:
         page.goto(f"http://127.0.0.1:{server.server_port}/")
         info = page.locator("#search-info", has_text="API key")
@@ -229,5 +228,4 @@ def test_the_search_box_shows_the_matching_photos(page, make_app, settings, trai
             assert image.get_attribute("src").startswith("blob:")
         assert str(folder) not in page.content()
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_http(server)
