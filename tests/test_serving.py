@@ -53,6 +53,7 @@ def stop(process: subprocess.Popen) -> int:
 def server_env(settings, tmp_path, local_server):
     return {
         "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": settings.clip_model,
+        "CLIP_BACKEND": settings.backend,
         "CLIP_LABELS_DIR": str(settings.labels_dir), "CLIP_CACHE_DIR": str(tmp_path / "cache"),
         "EMOJI_DICTIONARY": str(settings.emoji_dictionary), "CLIP_CONFIDENCE_THRESHOLD": "0",
         "API_HOST": "127.0.0.1", "API_PORT": str(local_server.port), "API_TIMEOUT": "1",
@@ -128,10 +129,13 @@ def healthy_workers(base: str) -> int:
 
 
 def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_path, settings):
+    """Also the CPU's default engine under several workers: CLIP_BACKEND=auto picks OpenVINO, the two
+    workers start together, one converts the model while the other waits for it, and both serve."""
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "animals.txt").write_text("cat\ndog\n")
-    env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels)}
+    env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels),
+           "CLIP_BACKEND": "auto"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = start(env, tmp_path / "two.log")
     base = f"http://127.0.0.1:{env['PORT']}"
@@ -169,6 +173,8 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     log = (tmp_path / "two.log").read_text()
     assert "Encoding 1 labels" in log, "a reload encodes only the new label"
     assert "Encoding 3 labels" not in log
+    assert log.count("with openvino") == 2, "both workers run the CPU's default engine"
+    assert log.count("Converting CLIP_MODEL=") == 1, "the model is converted once, not per worker"
 
 
 def test_python_rest_py_serves_too(server_env, tmp_path):
