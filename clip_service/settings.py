@@ -81,8 +81,12 @@ class Settings:
 
     @property
     def serving_threads(self) -> int:
-        """Threads per worker that run requests: THREADS, or 8 (never more than MAX_QUEUE)."""
-        return self.threads or min(8, self.max_queue)
+        """Threads per worker that run requests: THREADS, or 16 (never more than MAX_QUEUE).
+
+        16 is twice the CPU's batch of 8: one full batch waits for the model while the next is read
+        and decoded (with 8 threads, under load, forward passes averaged 4 images; bench/RESULTS.md).
+        """
+        return self.threads or min(16, self.max_queue)
 
     @property
     def answered_hosts(self) -> tuple[str, ...]:
