@@ -111,12 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [size for size in args.sizes if size not in SIZES]
         if unknown:
             parser.error(f"--sizes: {unknown[0]} is not one of {', '.join(SIZES)}")
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"  # where the service's default runs
     if args.engines == "none":
         args.engine_list = []
     elif args.engines:
         args.engine_list = [tuple(pair.split(":", 1)) for pair in args.engines.split(",")]
     else:
-        args.engine_list = supported_engines()
+        args.engine_list = supported_engines(args.device)
     args.memory_at = _memory_checkpoints(args.memory_requests or ("100,400" if args.quick else "500,2000"))
     args.extra_env = dict(_key_value(item, parser) for item in args.service_env)
     args.logs = args.logs.resolve() if args.logs else None  # the servers run in the project folder
@@ -609,7 +612,8 @@ def benchmark(args, work: Path, running: list[Server], results: dict) -> None:
     if args.engine_list:
         log("bare image tower: " + ", ".join(f"{b} {p}" for b, p in args.engine_list))
         results["tower"] = [vars(row) for row in measure_towers(
-            clip_model, work / "tower-cache", args.engine_list, seconds=min(args.seconds, 4.0), log=log)]
+            clip_model, work / "tower-cache", args.engine_list, seconds=min(args.seconds, 4.0), log=log,
+            device=args.device)]
     startup = results.setdefault("startup", {})
     first = service_server(args, clip_model, work, "service-first")
     startup["service_first"] = start(first, running, args.start_timeout)

@@ -50,7 +50,7 @@ class TowerFigures:
 
 def supported_engines(device: str = "cpu") -> list[tuple[str, str]]:
     """(CLIP_BACKEND, CLIP_PRECISION) pairs worth measuring on this machine."""
-    if device != "cpu":
+    if device != "cpu":  # CUDA keeps torch; fp16 is its default
         return [("torch", "fp32"), ("torch", "fp16")]
     engines = [("torch", "fp32"), ("torch", "bf16")]
     if openvino_installed():
@@ -81,17 +81,17 @@ def per_image_ms(engine, pixels: torch.Tensor, seconds: float) -> float:
 
 def measure(clip_model: str, cache_dir: Path, engines: list[tuple[str, str]], seconds: float = 3.0,
             texts: list[str] | None = None, templates: tuple[str, ...] = (), log=print,
-            ) -> list[TowerFigures]:
-    """Each engine in turn (one loaded at a time), against torch fp32's features."""
+            device: str = "cpu") -> list[TowerFigures]:
+    """Each engine in turn (one loaded at a time), against torch fp32's features on `device`."""
     spec = parse_model_spec(clip_model)
     reference = None
     figures = []
     for backend, precision in engines:
-        engine = load_engine(spec, "cpu", precision, backend, cache_dir)
+        engine = load_engine(spec, device if backend == "torch" else "cpu", precision, backend, cache_dir)
         pixels = photo_batch(engine)
         features = engine.encode_images(pixels)
         if reference is None:
-            reference = load_engine(spec, "cpu", "fp32", "torch").encode_images(pixels)
+            reference = load_engine(spec, device, "fp32", "torch").encode_images(pixels)
         cosine = torch.nn.functional.cosine_similarity(features, reference, dim=-1).min().item()
         batch1, batch8 = per_image_ms(engine, pixels[:1], seconds), per_image_ms(engine, pixels, seconds)
         row = TowerFigures(backend, precision, round(batch1, 1), round(batch8, 1), round(1000 / batch8, 1),
