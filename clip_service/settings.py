@@ -66,6 +66,7 @@ class Settings:
     batch_wait_ms: float = 2.0
     torch_threads: int = 0  # 0: the cores divided by the workers
     max_queue: int = 32
+    labels_token_budget: int = 4096  # tokens of new labels x templates one request may have encoded
     request_timeout: float = 30.0
     api_key: str = ""
     cors_origins: tuple[str, ...] = ()  # browsers' cross-origin use: none unless named
@@ -279,6 +280,8 @@ _PARSERS = {
     "BATCH_WAIT_MS": ("batch_wait_ms", lambda raw: _number("BATCH_WAIT_MS", raw, 0.0, 1000.0)),
     "TORCH_THREADS": ("torch_threads", lambda raw: _integer("TORCH_THREADS", raw, 0, 1024)),
     "MAX_QUEUE": ("max_queue", lambda raw: _integer("MAX_QUEUE", raw, 1, 100_000)),
+    "LABELS_TOKEN_BUDGET": (
+        "labels_token_budget", lambda raw: _integer("LABELS_TOKEN_BUDGET", raw, 0, 10_000_000)),
     "REQUEST_TIMEOUT": (
         "request_timeout", lambda raw: _number("REQUEST_TIMEOUT", raw, 0.0, 3600.0, True)),
     "API_KEY": ("api_key", str.strip),

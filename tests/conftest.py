@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_clip import write_tiny_clip  # noqa: E402
+from trained_clip import trained_model  # noqa: E402
 
 from clip_service import Settings, create_app  # noqa: E402
 
@@ -96,6 +97,17 @@ def network_fence(monkeypatch, fake_dns):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(request, tmp_path_factory) -> Path:
+    """A tiny CLIP trained to name colours (tests/trained_clip.py), kept in pytest's cache folder
+    between runs; trained into a temporary folder when there is no writable cache."""
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            return trained_model(cache.mkdir("trained-clip"))
+    return trained_model(tmp_path_factory.mktemp("trained-clip"))
 
 
 @pytest.fixture(scope="session")

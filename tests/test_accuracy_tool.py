@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,12 +99,25 @@ def test_per_class_top1():
 def test_folder_names_read_as_labels_and_published_numbers():
     assert accuracy.folder_label("sports_car") == "sports car"
     assert accuracy.folder_label(" hot__dog ") == "hot dog"
-    assert accuracy.PUBLISHED == {"ViT-B/32": 63.3, "ViT-B/16": 68.3, "ViT-L/14": 75.5,
-                                  "ViT-B-16-SigLIP:webli": 76.0, "MobileCLIP-S2:datacompdr": 74.4}
-    assert accuracy.published_top1("ViT-B-32:openai") == 63.3
+    assert accuracy.published_top1("ViT-B-32:openai") == accuracy.PUBLISHED["ViT-B/32"]
+    assert accuracy.published_top1("ViT-L-14:openai") == accuracy.PUBLISHED["ViT-L/14"]
     assert accuracy.published_top1("local-dir:/x") is None
     for name in accuracy.PUBLISHED:  # every published name is one the service accepts
         parse_model_spec(name)
+
+
+def test_published_numbers_agree_with_the_documents_that_quote_them():
+    """bench/ACCURACY.md's table and the README's rough guide quote PUBLISHED; a typo in any shows."""
+    document = (ROOT / "bench" / "ACCURACY.md").read_text()
+    table = dict(re.findall(r"(?m)^\| `([^`]+)` \| (\d+\.\d) \|", document))
+    assert {name: float(top1) for name, top1 in table.items()} == accuracy.PUBLISHED
+    guide = re.search(r"Rough guide \(ImageNet zero-shot top-1, published\): ([^.]+\.\d[^.]*\.\d[^.]*\.\d)",
+                      (ROOT / "README.md").read_text())
+    assert guide, "the README's rough guide of published accuracies is missing"
+    quoted = dict(re.findall(r"(ViT-[BL]/\d+) (\d+\.\d)", guide[1]))
+    assert len(quoted) == 3
+    assert {name: float(top1) for name, top1 in quoted.items()} == {
+        name: accuracy.PUBLISHED[name] for name in quoted}
 
 
 def test_scan_and_candidates_without_a_model(tmp_path, labels_dir):

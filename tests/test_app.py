@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+from pathlib import Path
 
 import pytest
 from fake_engines import EngineWrapper, load_tiny_engine
@@ -87,3 +89,15 @@ def test_create_app_returns_at_once_while_the_model_loads(settings):
         assert service.wait_until_settled(60)
     finally:
         service.stop()
+
+
+def test_answers_name_a_local_model_by_its_folder_not_the_servers_path(make_app, settings):
+    app = make_app(settings)
+    client = app.test_client()
+    folder = settings.clip_model.removeprefix("local-dir:")
+    expected = "local-dir:" + Path(folder).name
+    health = client.get("/health").get_json()
+    analyzed = client.post("/analyze", data={"file": (io.BytesIO(png()), "x.png")}).get_json()
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert health["model"] == expected and analyzed["metadata"]["model_info"]["model"] == expected
+    assert folder not in json.dumps(health) + json.dumps(analyzed) + metrics

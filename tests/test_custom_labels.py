@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+import threading
+import time
 
-from clip_service.vocabulary.custom_labels import CustomLabelCache
+import pytest
+import torch
+from fake_engines import load_tiny_engine
+
+from clip_service.errors import BadInput, DeadlineExceeded, Overloaded
+from clip_service.vocabulary.custom_labels import CustomLabelCache, prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return load_tiny_engine(tiny_model_dir)
 
 
 class CountingEncoder:
@@ -51,3 +62,57 @@ def test_new_templates_empty_the_cache():
     cache.features(("zebra",), ("a photo of a {}.",))
     cache.features(("zebra",), ("art of the {}.",))
     assert encoder.texts == ["a photo of a zebra.", "art of the zebra."]
+
+
+class GatedEncoder(CountingEncoder):
+    """Holds every encoding until `release` is set, so a second request arrives while one encodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        self.started.set()
+        assert self.release.wait(10)
+        return super().encode_texts(texts)
+
+
+def test_new_labels_over_the_token_budget_are_a_400_that_names_the_limit(tiny_engine):
+    cache = CustomLabelCache(tiny_engine, token_budget=200)
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    labels = tuple(f"label number {index}" for index in range(8))
+    cost = prompt_tokens(tiny_engine, [t.format(label) for t in templates for label in labels])
+    assert cost == 16 * 10  # start, "a photo of a" (4), "label number N" (3), ".", end
+    with pytest.raises(BadInput, match=r"160 tokens, over the limit of 100 .*LABELS_TOKEN_BUDGET"):
+        CustomLabelCache(tiny_engine, token_budget=100).features(labels, templates)
+    assert cache.features(labels, templates).shape[0] == 8  # within 200: encoded
+    assert CustomLabelCache(tiny_engine, token_budget=160).features(labels, templates).shape[0] == 8
+    cache.token_budget = 0
+    assert cache.features(labels, templates).shape[0] == 8  # cached labels cost nothing
+
+
+def test_one_request_encodes_at_a_time_and_the_next_is_refused_at_once():
+    encoder = GatedEncoder()
+    cache = CustomLabelCache(encoder)
+    template = ("{}",)
+    encoder.release.set()
+    cache.features(("cached",), template)
+    encoder.release.clear()
+    first = threading.Thread(target=cache.features, args=(("slow",), template))
+    first.start()
+    assert encoder.started.wait(10)
+    began = time.monotonic()
+    with pytest.raises(Overloaded, match="being encoded"):
+        cache.features(("other",), template)
+    assert cache.features(("cached",), template).shape == (1, 2), "cached labels need no encoding"
+    assert time.monotonic() - began < 1
+    encoder.release.set()
+    first.join(10)
+    assert cache.features(("other",), template).shape == (1, 2), "free again once the first is done"
+
+
+def test_no_template_is_encoded_after_the_deadline():
+    encoder = CountingEncoder()
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
+        CustomLabelCache(encoder).features(("late",), ("{}", "a {}"), deadline=time.monotonic() - 0.1)
+    assert encoder.texts == []

@@ -35,7 +35,11 @@ SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
 ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
 DEADLINE_MS = 5000  # per fuzz case
 HANG_SECONDS = 30  # a case still running after this is a hang: the watchdog fails it
-RSS_GROWTH_LIMIT_MB = 300
+CRAFTED_SECONDS = 2.0  # asserted per crafted file (measured: under 0.4 s each; the README states both)
+# Asserted: anonymous resident memory after a fuzz strategy minus before (measured: under 1 MB), and
+# the peak for a 1 x 100,000 image (measured: under 1 MB; resizing it untrimmed would allocate
+# 100,000 x 64 x 3 bytes, 19 MB, at the tiny model's size).
+RSS_GROWTH_LIMIT_MB = 16
 LOWERED_PIXELS = 16_000_000  # MAX_IMAGE_PIXELS for the bomb cases: 10000x10000 over, 4000x4000 at it
 FUZZ_SCALE = int(os.environ.get("CLIP_FUZZ_SCALE", "1"))
 FUZZ_EXAMPLES = {strategy: count * FUZZ_SCALE for strategy, count in {
@@ -233,6 +237,13 @@ def rss_mb() -> float:
     return _proc_status_kb("VmRSS") / 1024
 
 
+def anonymous_rss_mb() -> float:
+    """Resident heap and other anonymous memory, where a leak shows; not the shared libraries' pages,
+    which the kernel may drop and read back in at any time."""
+    gc.collect()
+    return _proc_status_kb("RssAnon") / 1024
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM (Linux: clear_refs 5); False where not allowed (then the lifetime peak is used).
 
@@ -284,7 +295,7 @@ def test_crafted_file(name, make_app, settings):
     assert check_outcome(response) == status, response.get_json()
     if fragment:
         assert fragment in response.get_json()["error"]["message"]
-    assert elapsed < DEADLINE_MS / 1000, f"{name} took {elapsed:.2f} s"
+    assert elapsed < CRAFTED_SECONDS, f"{name} took {elapsed:.2f} s"
 
 
 def test_crafted_files_are_what_they_claim():
@@ -309,6 +320,8 @@ def test_real_bomb_is_refused_before_decoding(max_pixels, make_app, settings):
     before = rss_mb()
     response = upload(client, seed("png_bomb_10000x10000"))
     peak_growth = peak_rss_mb() - before
+    print(f"\n[fuzz] PNG bomb 10000x10000, MAX_IMAGE_PIXELS={max_pixels}: HTTP {response.status_code}, "
+          f"peak RSS +{peak_growth:.0f} MB")
     assert check_outcome(response) == 400
     message = response.get_json()["error"]["message"]
     assert "10000x10000" in message and "MAX_IMAGE_PIXELS" in message and str(max_pixels) in message
@@ -565,15 +578,16 @@ def test_fuzz_upload(strategy, client):
         outcomes[check_outcome(response)] += 1
 
     reset_peak_rss()
-    before = rss_mb()
+    before = anonymous_rss_mb()
     fuzz()
-    after = rss_mb()
+    after = anonymous_rss_mb()
     peak = peak_rss_mb()
     cases = sum(outcomes.values())
     TOTALS.update(outcomes)
     TOTALS["cases"] += cases
     counts = ", ".join(f"{status}: {count}" for status, count in sorted(outcomes.items()))
     print(f"\n[fuzz] {strategy}: {cases} cases; by status {counts}; slowest {slowest[0]:.2f} s "
-          f"({slowest[1]}); RSS {before:.0f} -> {after:.0f} MB (peak {peak:.0f} MB)")
-    assert cases >= FUZZ_EXAMPLES[strategy] // 2, "hypothesis ran far fewer cases than asked"
-    assert after - before < RSS_GROWTH_LIMIT_MB, f"RSS grew {after - before:.0f} MB over the fuzz run"
+          f"({slowest[1]}); anonymous RSS {before:.0f} -> {after:.0f} MB (peak of all RSS {peak:.0f} MB)")
+    assert cases == FUZZ_EXAMPLES[strategy], "hypothesis ran another number of cases than asked"
+    assert set(outcomes) <= {200, 400}, f"a mutated image is decoded (200) or refused (400): {outcomes}"
+    assert after - before < RSS_GROWTH_LIMIT_MB, f"the heap grew {after - before:.0f} MB over the fuzz run"

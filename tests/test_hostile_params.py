@@ -293,14 +293,14 @@ def test_malformed_multipart_is_400(content_type, body, client):
     assert_error(response, 400, "no field named file")  # Werkzeug drops what it cannot parse
 
 
-def test_over_long_boundary_is_parsed_or_refused(client):
-    """RFC 2046 allows 70 characters; a 5000-character boundary that matches its body may be parsed."""
+def test_over_long_boundary_that_matches_its_body_is_parsed(client):
+    """RFC 2046 allows 70 characters; Werkzeug parses a 5000-character boundary that matches its body,
+    quickly, and the image inside is classified."""
     body = multipart([("file", "x.png", png_bytes())], "b" * 5000)
     with no_hang():
         response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary="
                                + "b" * 5000)
-    if response.status_code != 200:
-        assert_error(response, 400)
+    assert_success(response)
 
 
 def test_well_formed_hand_built_multipart_is_200(client):
@@ -339,9 +339,7 @@ def test_huge_multipart_field_name_is_4xx(name_length, status, fragment, client)
 def test_huge_file_field_filename_is_judged_by_content(client):
     body = multipart([("file", "f" * 100_000 + ".png", png_bytes())])
     response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary=XyZ-boundary")
-    assert response.status_code in (200, 400, 413), response.get_json()
-    if response.status_code != 200:
-        assert_error(response, response.status_code)
+    assert_success(response)  # a 100 kB file name is only a name: the PNG inside is classified
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])

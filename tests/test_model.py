@@ -1,5 +1,6 @@
 import shutil
 
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -69,8 +70,29 @@ def test_missing_weights_offline_say_how_to_provide_them(monkeypatch, tmp_path):
         assert hint in message
 
 
-def test_local_dir_needs_no_fetch(tiny_model_dir):
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[tuple[str, tuple]]:
+    """open_clip's download functions, recording their calls instead of reaching the hub."""
+    calls = []
+    for module, name in [(open_clip, "get_pretrained_cfg"), (open_clip, "download_pretrained"),
+                         (open_clip.factory, "_get_hf_config"),
+                         (open_clip.pretrained, "download_pretrained_from_hf")]:
+        monkeypatch.setattr(module, name, lambda *args, name=name, **kwargs: calls.append((name, args)))
+    return calls
+
+
+def test_local_dir_needs_no_fetch(tiny_model_dir, hub_calls):
     fetch_weights(parse_model_spec(f"local-dir:{tiny_model_dir}"))
+    assert hub_calls == [], "a local-dir: model must not touch the hub"
+
+
+@pytest.mark.parametrize("model, downloads", [
+    ("ViT-B/32", ["get_pretrained_cfg", "download_pretrained"]),
+    ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", ["_get_hf_config", "download_pretrained_from_hf"]),
+])
+def test_hub_models_are_fetched_before_the_workers_start(hub_calls, model, downloads):
+    fetch_weights(parse_model_spec(model))
+    assert [name for name, _ in hub_calls] == downloads
 
 
 def test_device_choice():

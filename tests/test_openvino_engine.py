@@ -266,3 +266,36 @@ def test_the_service_answers_with_openvino(make_app, settings, tmp_path):
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     assert body["status"] == "success" and body["predictions"]
+
+
+@pytest.fixture(scope="module")
+def trained_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trained-cache")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_colour_trained_model_gives_torch_fp32s_top_labels(trained_model_dir, trained_cache, precision):
+    """On a model that knows something (tests/trained_clip.py), every engine names the same colours."""
+    from trained_clip import COLOURS, assert_mostly_named, unseen_pictures
+
+    from clip_service.tasks.classify import Classifier
+    from clip_service.vocabulary.features import build_vocabulary
+    from clip_service.vocabulary.labels import LabelSet, load_templates
+
+    spec = parse_model_spec(f"local-dir:{trained_model_dir}")
+    templates = load_templates(ROOT / "prompts" / "ensemble.txt")
+    no_emoji = type("NoEmoji", (), {"emoji_for": lambda self, label: None})()
+    labels = LabelSet(tuple(COLOURS))
+    classifiers = [Classifier(engine, build_vocabulary(engine, labels, templates, trained_cache), no_emoji)
+                   for engine in (load_engine(spec, "cpu", "fp32", "torch"),
+                                  load_engine(spec, "cpu", precision, "openvino", trained_cache))]
+    named = []
+    for colour, _, picture in unseen_pictures(COLOURS, 6, size=96, first_seed=72_000):
+        # the labels with a real share (5 % or more), in the same order; near-zero ones may swap
+        reference = classifiers[0].classify(picture, 0.05, 3)
+        candidate = classifiers[1].classify(picture, 0.0, 3)[:len(reference)]
+        assert [p.label for p in candidate] == [p.label for p in reference], (colour, precision)
+        assert [p.confidence for p in candidate] == pytest.approx([p.confidence for p in reference],
+                                                                  abs=0.02)
+        named.append((colour, candidate[0].label))
+    assert_mostly_named(named)

@@ -4,10 +4,13 @@ import dataclasses
 import io
 
 import pytest
+import torch
+from PIL import Image
 from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.errors import BadInput
 from clip_service.http.options import MAX_REQUEST_LABELS, parse_options
+from clip_service.vocabulary.features import ensemble_features
 
 GROUPS = ("animals", "foods", "people")
 
@@ -99,6 +102,38 @@ def test_groups_score_only_their_labels(client):
     assert_error(client.get("/analyze?groups=planets&file=/x.jpg"), 400, "known: animals, foods, people")
 
 
+def own_features(engine, texts, templates):
+    """(L, D): each text encoded on its own, the reference every scored row must equal."""
+    return torch.cat([ensemble_features(engine, (text,), templates) for text in texts])
+
+
+def test_request_labels_get_their_own_features(app):
+    classifier = app.extensions["clip_service"].classifier
+    templates = classifier.vocabulary.templates
+    for labels in [("zebra", "giraffe"), ("lion", "giraffe", "okapi", "zebra")]:  # then partly cached
+        features = classifier.candidates(labels=labels).features
+        assert torch.allclose(features, own_features(classifier.engine, labels, templates), atol=1e-5), \
+            f"{labels}: a label scored against another label's feature"
+
+
+def test_groups_score_their_labels_own_features(app, client):
+    classifier = app.extensions["clip_service"].classifier
+    labels, features = classifier.label_set.labels, classifier.features
+    candidates = classifier.candidates(groups=("people", "foods"))
+    names, rows = candidates.labels, candidates.features
+    assert names == ("man", "woman", "astronaut", "banana", "coffee", "pizza")
+    for name, row in zip(names, rows, strict=True):
+        assert torch.equal(row, features[labels.index(name)]), f"{name} is scored against another row"
+    response = client.post("/analyze?groups=foods&threshold=0",
+                           data={"file": (io.BytesIO(image_bytes()), "x.png")})
+    confidences = {p["label"]: p["confidence"] for p in assert_success(response)["predictions"]}
+    image = classifier.image_features(Image.open(io.BytesIO(image_bytes())).convert("RGB"))
+    foods = [labels.index(name) for name in ("banana", "coffee", "pizza")]
+    expected = (classifier.engine.logit_scale * features[foods] @ image).softmax(dim=-1)
+    for name, probability in zip(("banana", "coffee", "pizza"), expected.tolist(), strict=True):
+        assert confidences[name] == pytest.approx(probability, abs=0.002), name
+
+
 def test_labels_listing(client):
     response = client.get("/labels")
     assert response.status_code == 200
@@ -124,6 +159,36 @@ def test_reload_encodes_only_new_labels_and_changes_the_version(make_app, settin
     assert after["version"] != before and after["num_labels"] == 3
     response = assert_success(upload(client, image_bytes()))
     assert response["metadata"]["model_info"]["labels_version"] == after["version"]
+
+
+def test_reload_keeps_each_label_with_its_own_feature(make_app, settings, tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\ndog\nbird\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder))
+    service = app.extensions["clip_service"]
+    (folder / "animals.txt").write_text("horse\nbird\ncat | a tabby cat\ndog\n")  # every row moves
+    assert service.reload_labels()
+    vocabulary = service.classifier.vocabulary
+    assert vocabulary.label_set.texts == ("horse", "bird", "a tabby cat", "dog")
+    expected = own_features(service.classifier.engine, vocabulary.label_set.texts, vocabulary.templates)
+    assert torch.allclose(vocabulary.features, expected, atol=1e-5), "a reloaded label has another's feature"
+
+
+def test_reload_after_a_template_change_encodes_every_label_again(make_app, settings, tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\ndog\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {}.\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder, prompts_file=prompts))
+    service = app.extensions["clip_service"]
+    prompts.write_text("a drawing of a {}.\n")
+    assert service.reload_labels()
+    vocabulary = service.classifier.vocabulary
+    assert vocabulary.templates == ("a drawing of a {}.",)
+    expected = own_features(service.classifier.engine, ("cat", "dog"), vocabulary.templates)
+    assert torch.allclose(vocabulary.features, expected, atol=1e-5), "features of the old template kept"
 
 
 def test_failed_reload_keeps_the_vocabulary(make_app, settings, tmp_path):

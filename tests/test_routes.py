@@ -51,11 +51,12 @@ def assert_error(response, status, *fragments):
     return message
 
 
-def test_health_when_loaded(client):
+def test_health_when_loaded(client, settings):
     response = client.get("/health")
     assert response.status_code == 200
+    folder_name = settings.clip_model.rstrip("/").rsplit("/", 1)[-1]  # never the server's whole path
     assert response.get_json() == {"status": "healthy", "model_status": "loaded", "device": "cpu",
-                                   "num_labels": 10, "model": response.get_json()["model"]}
+                                   "num_labels": 10, "model": f"local-dir:{folder_name}"}
 
 
 def test_upload_success_shape_and_emoji(client):

@@ -47,6 +47,18 @@ def test_a_failing_request_gives_its_place_back():
         assert admission.in_flight == 1
 
 
+def test_the_deadline_counts_from_arrival_not_admission():
+    """Time spent waiting for a thread counts: a request that arrived too long ago gets 504 at once."""
+    admission = Admission(max_queue=2, request_timeout=3.0)
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT=3 s") as caught, \
+            admission.admitted(arrived=time.monotonic() - 3.0 - 1):
+        pass
+    assert caught.value.status == 504 and admission.in_flight == 0
+    arrived = time.monotonic() - 2.0
+    with admission.admitted(arrived=arrived) as deadline:
+        assert deadline == pytest.approx(arrived + 3.0, abs=1e-9)
+
+
 # --- health ------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import free_port
+from system_tools import find_program, unavailable
 from test_routes import image_bytes
 from test_serving import server_env, start, stop, wait_healthy  # noqa: F401  (server_env: a fixture)
 
@@ -26,16 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "services" / "nginx-clip.conf"
 
 
-def _find_nginx() -> str | None:
-    found = shutil.which("nginx")
-    if found:
-        return found
-    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+NGINX = find_program("nginx", "/usr/sbin/nginx")  # as .ci/run looks for it
 
 
-NGINX = _find_nginx()
-pytestmark = pytest.mark.skipif(
-    NGINX is None, reason="nginx is not installed (apt-get install nginx; .ci/run installs it)")
+@pytest.fixture(autouse=True)
+def _nginx_installed():
+    if NGINX is None:
+        unavailable("nginx is not installed (apt-get install nginx; .ci/run installs it)")
 
 
 def nginx_config(folder: Path, listen_port: int, upstream_ports: list[int]) -> Path:

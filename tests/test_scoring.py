@@ -31,6 +31,22 @@ def test_top_predictions_sorted_thresholded_limited_and_rounded():
         Prediction("b", 0.6), Prediction("d", 0.3)]
 
 
+def test_threshold_applies_to_the_reported_confidence():
+    probabilities = torch.tensor([0.25, 0.00996, 0.0094, 0.7346])
+    labels = ["at", "rounds up", "rounds down", "top"]
+    result = top_predictions(probabilities, labels, threshold=0.01, limit=10)
+    assert result == [Prediction("top", 0.735), Prediction("at", 0.25), Prediction("rounds up", 0.01)], \
+        "a reported 0.010 passes threshold 0.01, a reported 0.009 does not"
+    assert top_predictions(probabilities, labels, threshold=0.25, limit=10) == [
+        Prediction("top", 0.735), Prediction("at", 0.25)], "a confidence exactly at the threshold passes"
+
+
+def test_limit_is_exact():
+    probabilities = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    for limit in (1, 2, 3):
+        assert len(top_predictions(probabilities, ["a", "b", "c", "d"], 0.0, limit)) == limit
+
+
 def test_limit_larger_than_vocabulary():
     assert len(top_predictions(torch.tensor([0.5, 0.5]), ["x", "y"], 0.0, 10)) == 2
 

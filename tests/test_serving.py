@@ -1,6 +1,8 @@
 """The real server: CLIP.sh starts gunicorn, and requests talk to it over loopback."""
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,34 @@ def stop(process: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
+
+
+class ClipServer:
+    """CLIP.sh started with `env` and healthy on 127.0.0.1; stop() returns its exit status."""
+
+    def __init__(self, env: dict, log: Path):
+        self.port = int(env["PORT"])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process = start(env, log)
+        try:
+            wait_healthy(self.port, self.process)
+        except BaseException:
+            stop(self.process)
+            raise
+
+    def upload(self, data: bytes | None = None, timeout: float = 30) -> requests.Response:
+        # A fresh connection per request, as independent clients open them.
+        return requests.post(f"{self.base}/analyze", files={"file": ("x.png", data or image_bytes())},
+                             timeout=timeout, headers={"Connection": "close"})
+
+    def in_flight(self) -> float:
+        """clip_requests_in_flight from /metrics: the requests admitted and not yet answered."""
+        text = requests.get(f"{self.base}/metrics", timeout=10).text
+        return float(re.search(r"(?m)^clip_requests_in_flight (\S+)$", text)[1])
+
+    def stop(self) -> int:
+        return stop(self.process)
 
 
 @pytest.fixture
@@ -121,6 +151,27 @@ def test_no_labels_stops_start_up(server_env, tmp_path):
     assert "No labels loaded" in (tmp_path / "nolabels.log").read_text()
 
 
+def worker_pids(master: int) -> set[int]:
+    """The gunicorn master's child processes: its workers."""
+    children = set()
+    for task in Path(f"/proc/{master}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+    return children
+
+
+def labels_versions_by_worker(base: str) -> dict[int, set[str]]:
+    """Each live worker's current label-set version(s), from its own clip_model_info{pid=...} samples."""
+    versions: dict[int, set[str]] = {}
+    for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("clip_model_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            current = versions.setdefault(int(labels["pid"]), set())
+            if float(line.rsplit(" ", 1)[1]) == 1.0:
+                current.add(labels["labels_version"])
+    return versions
+
+
 def healthy_workers(base: str) -> int:
     """Workers whose model is loaded, from the per-process clip_healthy samples in /metrics."""
     text = requests.get(f"{base}/metrics", timeout=10).text
@@ -154,24 +205,33 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
                       if line.startswith("clip_requests_total{") and 'route="/analyze"' in line)
         assert counted == sent, "every worker's requests are counted once"
         version = requests.get(f"{base}/labels", timeout=10).json()["version"]
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2
+        assert labels_versions_by_worker(base) == {pid: {version} for pid in workers}
         (labels / "animals.txt").write_text("cat\ndog\nhorse\n")
         os.kill(process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 30
-        versions = set()
+        # Each worker, by its pid, must report a new version: one that did not reload keeps the old one.
         while time.monotonic() < deadline:
-            # both workers must answer with the new set; keep-alive off so requests spread
-            versions = {requests.get(f"{base}/labels", timeout=10, headers={"Connection": "close"})
-                        .json()["version"] for _ in range(6)}
-            if version not in versions and len(versions) == 1:
+            by_worker = labels_versions_by_worker(base)
+            if all(len(found := by_worker.get(pid, set())) == 1 and version not in found for pid in workers):
                 break
             time.sleep(0.2)
-        assert version not in versions and len(versions) == 1
+        assert set(by_worker) == workers, "the same two workers, none restarted"
+        stale = sorted(pid for pid in workers if version in by_worker[pid])
+        assert not stale, f"worker(s) {stale} still serve version {version}: {by_worker}"
+        (new_version,) = set.union(*by_worker.values())
+        assert by_worker == {pid: {new_version} for pid in workers}, by_worker
+        assert requests.get(f"{base}/labels", timeout=10).json()["version"] == new_version
         assert requests.post(f"{base}/analyze", files={"file": ("x.png", image_bytes())},
                              timeout=30).status_code == 200
     finally:
         assert stop(process) == 0
     log = (tmp_path / "two.log").read_text()
-    assert "Encoding 1 labels" in log, "a reload encodes only the new label"
+    assert log.count(f"Labels reloaded: 3 labels, version {new_version}") == 2, "one line per worker"
+    # Each worker encodes only the new label, or loads all three from the cache the other just wrote.
+    assert log.count("Encoding 1 labels") >= 1
+    assert log.count("Encoding 1 labels") + log.count("Loaded 3 label features") == 2
     assert "Encoding 3 labels" not in log
     assert log.count("with openvino") == 2, "both workers run the CPU's default engine"
     assert log.count("Converting CLIP_MODEL=") == 1, "the model is converted once, not per worker"

@@ -428,3 +428,19 @@ def test_an_interrupted_batch_is_tagged_again_on_resume(settings, real_classifie
     summary = tag(settings, stopping, photos, output, batch_size=4)
     assert summary.interrupted and summary.tagged == 0
     assert counts(tag(settings, real_classifier, photos, output, resume=True)) == (4, 1, 0)
+
+
+def test_csv_file_names_never_become_spreadsheet_formulas_and_resume_reads_them_back(
+        settings, classifier, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["=HYPERLINK(evil).png", "+1.png", "-cmd.png", "@SUM.png", "'quoted.png", "plain.png"]
+    for name in names:
+        (folder / name).write_bytes(encode(quadrants(), "PNG"))
+    output = tmp_path / "tags.csv"
+    assert counts(tag(settings, classifier, folder, output, fmt="csv"))[0] == len(names)
+    with open(output, newline="", encoding="utf-8") as handle:
+        cells = [row["path"] for row in csv.DictReader(handle)]
+    assert sorted(cells) == sorted(f"'{name}" if name[0] in "=+-@'" else name for name in names)
+    assert all(not cell.startswith(("=", "+", "-", "@")) for cell in cells)
+    assert counts(tag(settings, classifier, folder, output, fmt="csv", resume=True)) == (0, 0, len(names))

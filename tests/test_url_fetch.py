@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from image_samples import cat_png
 
-from clip_service.errors import BadInput, Forbidden, TooLarge, UpstreamFailed
+from clip_service.errors import BadInput, DeadlineExceeded, Forbidden, TooLarge, UpstreamFailed
 from clip_service.inputs import url_fetch
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, AddressGuard, UrlFetcher, refusal_reason
 
@@ -214,12 +214,15 @@ def test_redirect_loop(server, local):
     assert len(server.requests) == MAX_REDIRECTS + 1
 
 
-@pytest.mark.parametrize("path", ["/big", "/big-unsized"])
-def test_oversized_body_is_too_large(server, local, path):
+@pytest.mark.parametrize("path, reason", [
+    ("/big", f"bytes; the limit is {LIMIT}"),  # refused from Content-Length, before the body
+    ("/big-unsized", f"over the limit of {LIMIT} bytes"),  # cut while streaming
+])
+def test_oversized_body_is_too_large(server, local, path, reason):
     with pytest.raises(TooLarge) as caught:
         local.fetch(server.base + path)
     assert caught.value.status == 413
-    assert f"limit is {LIMIT}" in caught.value.message or f"limit of {LIMIT}" in caught.value.message
+    assert reason in caught.value.message
     assert "MAX_IMAGE_BYTES" in caught.value.message
 
 
@@ -258,6 +261,25 @@ def test_slow_drip_headers_meet_the_deadline(server, local):
     elapsed = time.monotonic() - started
     assert elapsed < 2.0, f"a header drip held the fetch for {elapsed:.1f} s with URL_TIMEOUT=1 ({outcome!r})"
     assert isinstance(outcome, UpstreamFailed)
+
+
+@pytest.mark.parametrize("request_deadline, error, limit", [
+    (0.3, DeadlineExceeded, "took longer than the 0.3 s allowed (REQUEST_TIMEOUT)"),
+    (None, UpstreamFailed, "took longer than the 1 s allowed (URL_TIMEOUT)"),
+])
+def test_a_connection_that_never_opens_meets_the_deadline(local, request_deadline, error, limit):
+    """A host that never finishes the TCP handshake (a full accept queue): whichever deadline is sooner
+    ends the fetch and names itself, 504 for the request's own."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=1):  # fills the queue of 1
+            started = time.monotonic()
+            deadline = None if request_deadline is None else started + request_deadline
+            with pytest.raises(error) as caught:
+                local.fetch(f"http://127.0.0.1:{port}/cat.png", deadline)
+            elapsed = time.monotonic() - started
+    assert limit in caught.value.message
+    assert elapsed < (request_deadline or TIMEOUT) + 0.5, elapsed
 
 
 def test_closed_port_is_upstream_failure(local):
@@ -414,6 +436,18 @@ def test_allowlist_of_another_network_does_not_allow_loopback(server, network_fe
     with pytest.raises(Forbidden, match="loopback"):
         fetcher("10.0.0.0/8", "images.test").fetch(f"{server.base}/cat.png")
     assert server.requests == []
+
+
+def test_proxy_from_the_environment_is_not_used(server, network_fence, monkeypatch):
+    """A proxy would resolve and connect to the target itself, out of the guard's sight."""
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, server.base)  # the test server answers proxied requests too
+    with pytest.raises(Forbidden, match=r"10\.0\.0\.1 is a private address"):
+        fetcher("127.0.0.1").fetch("http://10.0.0.1/cat.png")
+    assert server.requests == []
+    assert network_fence == []
 
 
 # ---------------------------------------------------------------------------------------------------

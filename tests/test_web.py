@@ -13,11 +13,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from system_tools import find_program, unavailable
+from trained_clip import COLOURS, draw_picture, write_labels
 from werkzeug.serving import make_server
 
 from clip_service.http.page import SECURITY_HEADERS
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = find_program("chromium")  # on the PATH, as .ci/run checks it
 
 
 def test_page_is_self_contained_html_with_csp(client):
@@ -68,11 +70,14 @@ def live_url(app):
 
 @pytest.fixture
 def page(live_url):
-    if not CHROMIUM.exists():
-        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    if CHROMIUM is None:
+        unavailable("no browser: chromium is not on the PATH (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        unavailable("playwright is not installed (pip install -r requirements-dev.txt)")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 800})
             errors = []
@@ -97,8 +102,15 @@ def photo(tmp_path) -> Path:
     return path
 
 
+def shown_time(seconds: float) -> str:
+    """processing_time as the page writes it."""
+    return f"{int(seconds * 1000 + 0.5)} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def test_upload_shows_predictions_in_browser(page, photo):
-    page.set_input_files("#file", str(photo))
+    with page.expect_response("**/analyze") as answer:
+        page.set_input_files("#file", str(photo))
+    metadata = answer.value.json()["metadata"]
     rows = page.locator("#predictions li.row")
     rows.nth(9).wait_for(timeout=30_000)
     assert rows.count() == 10  # threshold 0 in the test settings, ten labels
@@ -110,15 +122,35 @@ def test_upload_shows_predictions_in_browser(page, photo):
     cat = rows.filter(has=page.locator(".label", has_text=re.compile(r"^cat$")))
     assert cat.count() == 1
     assert cat.locator(".emoji").inner_text() == "🐱"
-    assert "OpenCLIP" in page.locator("#meta").inner_text()
-    assert "cpu" in page.locator("#meta").inner_text()
-    assert " ms" in page.locator("#meta").inner_text() or " s" in page.locator("#meta").inner_text()
+    model = metadata["model_info"]["model"]
+    assert page.locator("#meta").inner_text() == (
+        f"Model {model} (OpenCLIP) · on cpu · in {shown_time(metadata['processing_time'])}")
     assert page.locator("#preview").get_attribute("src").startswith("blob:")
     assert "chelsea.jpg" in page.locator("#preview").get_attribute("alt")
     assert page.locator("#status").inner_text().startswith("Most likely:")
     if shot := os.environ.get("CLIP_SCREENSHOT"):
         Path(shot).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=shot, full_page=True)
+
+
+def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, settings, trained_model_dir,
+                                                               tmp_path):
+    """On the model trained to name colours (tests/trained_clip.py) the page names what it is shown."""
+    labels = write_labels(tmp_path / "labels", {"colours": COLOURS})
+    server = serve(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
+                                                labels_dir=labels)))
+    try:
+        for colour, shape, seed in (("red", "circle", 80_000), ("blue", "square", 80_001)):
+            path = tmp_path / f"{colour}.png"
+            draw_picture(colour, shape, 200, seed=seed).save(path)
+            page.goto(f"http://127.0.0.1:{server.server_port}/")  # a fresh page: no earlier result
+            page.set_input_files("#file", str(path))
+            page.locator("#status", has_text="Most likely:").wait_for(timeout=30_000)
+            assert page.locator("#predictions li.row .label").first.inner_text().strip() == colour
+            assert page.locator("#status").inner_text().startswith(f"Most likely: {colour} (")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_url_error_is_shown_in_plain_words(page):

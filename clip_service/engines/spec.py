@@ -68,6 +68,13 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(path for pattern in WEIGHT_FILES for path in folder.glob(pattern))
 
 
+def public_model_name(name: str) -> str:
+    """CLIP_MODEL as clients see it: a local-dir: model by its folder's name, not the server's path."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return LOCAL_DIR_PREFIX + Path(name[len(LOCAL_DIR_PREFIX):].rstrip("/")).name
+    return name
+
+
 def parse_model_spec(raw: str) -> ModelSpec:
     """Parse CLIP_MODEL; a ModelSpecError's message is a sentence starting "CLIP_MODEL=<raw> "."""
     name = raw.strip()

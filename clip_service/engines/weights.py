@@ -34,7 +34,7 @@ def fetch_weights(spec: ModelSpec) -> None:
             open_clip.download_pretrained(cfg)
         elif spec.hf_repo is not None:
             open_clip.factory._get_hf_config(spec.hf_repo)
-            open_clip.download_pretrained_from_hf(spec.hf_repo)
+            open_clip.pretrained.download_pretrained_from_hf(spec.hf_repo)
     except Exception as error:  # every hub/network/cache failure means the same to the operator
         raise weights_error(f"Weights for CLIP_MODEL={spec.name}", error) from error
 

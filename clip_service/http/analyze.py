@@ -51,8 +51,8 @@ def analyze():
         if url is not None:
             image = service.images.from_url(url, deadline)
         elif path is not None:
-            image = service.images.from_file(path)
+            image = service.images.from_file(path, deadline)
         else:
-            image = service.images.from_upload(upload)
+            image = service.images.from_upload(upload, deadline)
         predictions = service.analyze(image, deadline, options)
     return jsonify(analyze_body(predictions, service.ready_classifier(), elapsed()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from clip_service.engines.spec import public_model_name
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
 from clip_service.tasks.classify import Classifier, Prediction
@@ -19,8 +20,8 @@ def prediction_body(prediction: Prediction) -> dict:
 def model_info_body(classifier: Classifier) -> dict:
     """`metadata.model_info`: "framework" is whose weights these are (OpenAI or OpenCLIP)."""
     engine = classifier.engine
-    return {"framework": engine.weights_source, "model": engine.name, "device": engine.device_name,
-            "labels_version": classifier.vocabulary.version}
+    return {"framework": engine.weights_source, "model": public_model_name(engine.name),
+            "device": engine.device_name, "labels_version": classifier.vocabulary.version}
 
 
 def analyze_body(predictions: list[Prediction], classifier: Classifier, processing_time: float) -> dict:
@@ -43,7 +44,7 @@ def health_body(service: ClipService) -> dict:
     if host.status == LOADED:
         engine = host.classifier.engine
         body = {"status": "healthy", "model_status": LOADED, "device": engine.device_name,
-                "num_labels": len(host.classifier.label_set), "model": engine.name}
+                "num_labels": len(host.classifier.label_set), "model": public_model_name(engine.name)}
         if service.health.inference_error:
             body.update(status="unhealthy", error=f"Inference is failing: {service.health.inference_error}")
         return body

@@ -218,6 +218,12 @@ class FrontDoorWorker(gthread.ThreadWorker):
     def _advance(self, conn: DoorConnection) -> None:
         """Decide once the head is in, hand on once the body is in."""
         if conn.head is None:
+            line_end = conn.inbox.find(b"\r\n")
+            line_length = len(conn.inbox) if line_end < 0 else line_end
+            if line_length > self.cfg.limit_request_line > 0:  # gunicorn would answer in plain text
+                self._refuse(conn, 414, f"The request line is over {self.cfg.limit_request_line} bytes; "
+                                        "send long parameters (such as labels=) as POST form fields")
+                return
             end = conn.inbox.find(b"\r\n\r\n")
             if end < 0:
                 if len(conn.inbox) > HEAD_LIMIT:

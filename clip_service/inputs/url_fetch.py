@@ -246,7 +246,8 @@ class UrlFetcher:
                 )
             except requests.exceptions.InvalidURL as error:
                 raise BadInput(f"Malformed URL: {error}") from None
-            except requests.RequestException as error:
+            except (requests.RequestException, UpstreamFailed) as error:
+                # UpstreamFailed: no connection opened, and a connect cut by a deadline names it
                 raise self._failure(url, error, deadline) from None
             with response:
                 if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
@@ -262,6 +263,8 @@ class UrlFetcher:
         if time.monotonic() >= deadline:
             name, seconds, kind = _watch.limit
             return kind(f"URL {_redact(url)} took longer than the {seconds:.3g} s allowed ({name})")
+        if isinstance(error, UpstreamFailed):
+            return error
         return UpstreamFailed(f"Could not fetch URL {_redact(url)}: {type(error).__name__}")
 
     def _timeouts(self, url: str, deadline: float) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from clip_service.library.csv_cells import spreadsheet_safe
 from clip_service.library.errors import LibraryError
 from clip_service.library.lock import lock_exclusive
 from clip_service.library.resume import scan_existing
@@ -38,9 +39,9 @@ class OutputSpec:
 
 
 def csv_line(row: list[str]) -> str:
-    """One CSV row as text, quoted where needed, ending in \r\n (the csv module's default)."""
+    """One CSV row as text, spreadsheet-safe, quoted where needed, ending in \r\n (the csv default)."""
     buffer = io.StringIO()
-    csv.writer(buffer).writerow(row)
+    csv.writer(buffer).writerow([spreadsheet_safe(cell) for cell in row])
     return buffer.getvalue()
 
 

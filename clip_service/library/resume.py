@@ -10,6 +10,7 @@ import csv
 import json
 from collections.abc import Iterator
 
+from clip_service.library.csv_cells import from_spreadsheet_safe
 from clip_service.library.errors import LibraryError
 
 
@@ -59,7 +60,8 @@ def _csv_records(text: str, header: list[str]) -> Iterator[tuple[str | None, int
         if first and row == header:
             yield "", consumed
         else:
-            yield (row[0] if row and len(row) == len(header) and row[0] else None), consumed
+            yield (from_spreadsheet_safe(row[0]) if row and len(row) == len(header) and row[0] else None,
+                   consumed)
         first = False
 
 

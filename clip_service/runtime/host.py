@@ -15,11 +15,13 @@ from typing import Protocol
 from clip_service import metrics
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
+from clip_service.engines.spec import public_model_name
 from clip_service.errors import NotReady
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, EmojiSource
+from clip_service.vocabulary.custom_labels import CustomLabelCache
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.reload import LabelReloader, load_vocabulary
 from clip_service.vocabulary.watcher import LabelsWatcher
@@ -104,7 +106,9 @@ class ModelHost:
                                settings.batch_wait_ms / 1000, arriving=self.arriving,
                                on_batch=metrics.BATCH_SIZE.observe)
         self._keep(batcher)
-        classifier = Classifier(engine, vocabulary, self.emoji, encode_image=batcher.submit)
+        classifier = Classifier(engine, vocabulary, self.emoji, encode_image=batcher.submit,
+                                custom_labels=CustomLabelCache(engine,
+                                                               token_budget=self.settings.labels_token_budget))
         self.batcher, self.classifier = batcher, classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
@@ -131,5 +135,5 @@ class ModelHost:
 
     def _publish(self, vocabulary: Vocabulary) -> None:
         engine = self.classifier.engine
-        self._model_info.publish(engine.name, engine.weights_source, engine.device_name, vocabulary.version,
-                                 len(vocabulary.label_set))
+        self._model_info.publish(public_model_name(engine.name), engine.weights_source, engine.device_name,
+                                 vocabulary.version, len(vocabulary.label_set))

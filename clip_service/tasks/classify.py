@@ -120,11 +120,11 @@ class Classifier:
         return self.encode_image(self.engine.prepare(image), deadline)  # prepare: (3, H, W)
 
     def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
-                   ) -> Candidates:
+                   deadline: float | None = None) -> Candidates:
         """A request's own labels, the labels of some groups, or (neither given) the whole vocabulary."""
         vocabulary = self.vocabulary
         if labels is not None:
-            return Candidates(labels, self.custom_labels.features(labels, vocabulary.templates))
+            return Candidates(labels, self.custom_labels.features(labels, vocabulary.templates, deadline))
         if groups is not None:
             group_rows = vocabulary.group_rows
             rows = list(dict.fromkeys(row for group in groups for row in group_rows.get(group, ())))
@@ -135,7 +135,7 @@ class Classifier:
     def classify(self, image: Image.Image, threshold: float, limit: int, deadline: float | None = None,
                  labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
                  ) -> list[Prediction]:
-        candidates = self.candidates(labels, groups)
+        candidates = self.candidates(labels, groups, deadline)
         if not candidates.labels:
             return []
         image_features = self.image_features(image, deadline).unsqueeze(0)  # (1, D)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from clip_service.engines.base import TextEncoder
+from clip_service.errors import DeadlineExceeded
 from clip_service.vocabulary.labels import LabelSet
 
 log = logging.getLogger(__name__)
 
+DEADLINE_BATCH = 16  # texts per forward pass when a deadline is checked between passes
 CACHE_FORMAT = "clip-service-label-features-v1"
 
 
@@ -35,12 +38,22 @@ def cache_key(model_identity: str, templates: tuple[str, ...], texts: tuple[str,
     return digest.hexdigest()
 
 
-def ensemble_features(encoder: TextEncoder, texts: tuple[str, ...],
-                      templates: tuple[str, ...]) -> torch.Tensor:
-    """(L, D): for each text, the normalised mean of its unit features under every template."""
+def ensemble_features(encoder: TextEncoder, texts: tuple[str, ...], templates: tuple[str, ...],
+                      deadline: float | None = None) -> torch.Tensor:
+    """(L, D): for each text, the normalised mean of its unit features under every template.
+
+    With a `deadline` (time.monotonic()), texts go to the model a few at a time and no batch starts
+    after the deadline, so a request's own labels never hold the model much past its time.
+    """
+    step = len(texts) if deadline is None else DEADLINE_BATCH
     total = None
     for template in templates:
-        features = encoder.encode_texts([template.format(text) for text in texts])  # (L, D)
+        parts = []
+        for start in range(0, len(texts), max(step, 1)):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("Encoding the request's labels took longer than REQUEST_TIMEOUT")
+            parts.append(encoder.encode_texts([template.format(text) for text in texts[start:start + step]]))
+        features = torch.cat(parts)  # (L, D)
         total = features if total is None else total + features
     return torch.nn.functional.normalize(total, dim=-1)
 
