@@ -565,7 +565,7 @@ def fault_server(tiny_model_dir, labels_dir, emoji_file, emoji_api, tmp_path_fac
     labels = folder / "labels"
     shutil.copytree(labels_dir, labels)
     (labels / "things.txt").write_text(f"{LONG_LABEL}\n")
-    settings = Settings(clip_model=f"local-dir:{tiny_model_dir}", labels_dir=labels,
+    settings = Settings(clip_model=f"local-dir:{tiny_model_dir}", backend="torch", labels_dir=labels,
                         cache_dir=folder / "cache")
     engine = load_tiny_engine(tiny_model_dir)
     reference = Classifier(engine, load_vocabulary(settings, engine), EmojiMapper({}, None, 0))
@@ -573,6 +573,7 @@ def fault_server(tiny_model_dir, labels_dir, emoji_file, emoji_api, tmp_path_fac
     cache.write_bytes(_flipped(cache.read_bytes()))
     env = {
         "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": settings.clip_model,
+        "CLIP_BACKEND": settings.backend,  # the reference's engine: the same label features
         "CLIP_LABELS_DIR": str(labels), "CLIP_CACHE_DIR": str(settings.cache_dir),
         "EMOJI_DICTIONARY": str(emoji_file), "CLIP_CONFIDENCE_THRESHOLD": "0",
         "CLIP_MAX_PREDICTIONS": "11", "API_HOST": "127.0.0.1", "API_PORT": str(emoji_api.port),

@@ -53,6 +53,9 @@ def server_env(model_dir: Path, root: Path, labels_dir: Path, emoji_file: Path, 
         "EMOJI_DICTIONARY": str(emoji_file), "CLIP_CONFIDENCE_THRESHOLD": "0",
         "API_HOST": "127.0.0.1", "API_PORT": "9", "API_TIMEOUT": "0.5", "URL_ALLOWLIST": "127.0.0.1",
         "ALLOWED_FILE_ROOTS": str(root), "WORKERS": "1", "THREADS": "16", "CLIP_PRECISION": "fp32",
+        # torch: the bf16 test holds it to sharing fp32's label cache (its text tower stays fp32);
+        # OpenVINO on the trained model: test_openvino_engine.py
+        "CLIP_BACKEND": "torch",
         "HEALTH_CANARY_SECONDS": "0", **extra,
     }
 
