@@ -24,6 +24,8 @@ from clip_service.engines import registry
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.registry import choose_backend, load_engine
 from clip_service.engines.spec import parse_model_spec
+from clip_service.engines.text_prefix import shared_prefix_length
+from clip_service.engines.tokens import end_of_text_lengths
 from clip_service.tasks.classify import label_probabilities
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,12 +123,17 @@ def test_same_top_labels_as_torch_fp32(openvino_engine, torch_fp32):
     assert (expected - got).abs().max() < 0.01
 
 
-def test_short_context_equals_the_full_context(openvino_engine):
-    texts = ["a photo of a cat.", "x", "a photo of a golden retriever puppy playing in the snow."]
-    tokens = openvino_engine.tokenizer(texts)  # (3, 77)
-    full = torch.nn.functional.normalize(openvino_engine._encode_tokens(tokens), dim=-1)
+def test_texts_sharing_a_template_equal_texts_encoded_alone(openvino_engine, torch_fp32):
+    """Together, a template's first tokens are encoded once (text_prefix); alone, each text whole."""
+    texts = ["a photo of a cat.", "a photo of a golden retriever puppy playing in the snow.",
+             "a photo of a x.", "a photo of a red double-decker bus in london."]
+    tokens = openvino_engine.tokenizer(texts)
+    assert shared_prefix_length(tokens, end_of_text_lengths(tokens)) == 5, "<start> a photo of a"
+    together = openvino_engine.encode_texts(texts, batch_size=2)
+    alone = torch.cat([openvino_engine.encode_texts([text]) for text in texts])
     assert openvino_engine.cuts_context
-    assert cosines(openvino_engine.encode_texts(texts), full).min() > 0.9999
+    assert cosines(together, alone).min() > (0.9999 if openvino_engine.precision == "fp32" else 0.999)
+    assert cosines(together, torch_fp32.encode_texts(texts)).min() >= LEAST_COSINE[openvino_engine.precision]
 
 
 def test_int8_stores_int8_weights(spec, export_dir):
@@ -301,3 +308,17 @@ def test_the_colour_trained_model_gives_torch_fp32s_top_labels(trained_model_dir
                                                                   abs=0.02)
         named.append((colour, candidate[0].label))
     assert_mostly_named(named)
+
+
+def test_shared_prefix_through_several_layers(tmp_path):
+    """A 3-layer text tower: the shared positions' states feed every layer, not just the first."""
+    from tiny_clip import TINY_CONFIG
+
+    config = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "layers": 3}}
+    spec = parse_model_spec(f"local-dir:{write_tiny_clip(tmp_path / 'deep', seed=3, model_cfg=config)}")
+    reference = load_engine(spec, "cpu", "fp32", "torch")
+    engine = load_engine(spec, "cpu", "fp32", "openvino", tmp_path / "cache")
+    for template in TEMPLATES:
+        texts = [template.format(label) for label in LABELS]
+        got, expected = engine.encode_texts(texts, batch_size=8), reference.encode_texts(texts)
+        assert cosines(got, expected).min() > 0.9999, template

@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
-from clip_service.engines.openvino_export import ExportedTowers, cached_towers
+from clip_service.engines.openvino_export import START_STATES, ExportedTowers, cached_towers
 from clip_service.engines.openvino_import import ov
 from clip_service.engines.preprocess import InputGeometry, resize_extreme_aspect, uint8_pixels
 from clip_service.engines.spec import ModelSpec, model_identity
-from clip_service.engines.tokens import encode_in_length_batches
+from clip_service.engines.text_prefix import shared_prefix_length
+from clip_service.engines.tokens import encode_in_length_batches, end_of_text_lengths
 from clip_service.engines.torch_engine import split_preprocess
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class OpenVinoEngine:
         self._image_request, self._image_lock = self._image.create_infer_request(), threading.Lock()
         self._text_request, self._text_lock = self._text.create_infer_request(), threading.Lock()
         self.cuts_context = towers.cuts_context
+        # (layers, 1, width): where every cut text starts (text_prefix)
+        self._start = np.load(towers.folder / START_STATES) if towers.cuts_context else None
         self.tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
         # Text features from another precision are not the same features: the label cache keys on it
         self.identity = f"{model_identity(spec)}|text:openvino:{precision}"
@@ -108,15 +112,35 @@ class OpenVinoEngine:
                                     f"{error}") from error
         return torch.from_numpy(result)
 
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """N texts -> (N, D) unit float32 features on the CPU, in batches cut to their length."""
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """N texts -> (N, D) unit float32 features on the CPU, in batches cut to their length.
+
+        The positions all texts share (a prompt template's first words) are encoded once, and the
+        batches only from there on (text_prefix). Batches of 64 texts: measured faster than 256 or
+        1,024 (1,480 texts/s against 1,360 and 950 for ViT-B/32 in bf16), their activations staying
+        in the CPU's caches.
+        """
         tokens = self.tokenizer(texts)  # (N, context) int64
         with self._text_lock:
-            return encode_in_length_batches(tokens, texts, self.cuts_context, batch_size, self._encode_tokens)
+            if not self.cuts_context:
+                return encode_in_length_batches(tokens, texts, False, batch_size,
+                                                lambda batch: self._run_text(batch)[0])
+            shared = shared_prefix_length(tokens, end_of_text_lengths(tokens))
+            states = self._start  # (layers, 1, width)
+            if shared > 1:
+                _, after_start = self._run_text(tokens[:1, 1:shared], states)
+                states = np.concatenate([states, after_start], axis=1)  # (layers, shared, width)
+            return encode_in_length_batches(tokens, texts, True, batch_size,
+                                            lambda batch: self._run_text(batch, states)[0], skip=shared)
 
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        result = self._text_request.infer([tokens.contiguous().numpy()], share_inputs=True)[0]
-        return torch.from_numpy(result.copy())
+    def _run_text(self, tokens: torch.Tensor, states: np.ndarray | None = None,
+                  ) -> tuple[torch.Tensor, np.ndarray]:
+        """The text graph on (n, S) tokens (after `states`' positions, when the tower is cut) ->
+        (n, D) unit features and the first text's per-layer inputs (cut towers only)."""
+        inputs = [tokens.contiguous().numpy()] + ([] if states is None else [states])
+        result = self._text_request.infer(inputs, share_inputs=True)
+        extra = result[1].copy() if len(result) > 1 else None
+        return torch.from_numpy(result[0].copy()), extra
 
 
 def load_openvino_engine(spec: ModelSpec, precision_setting: str, cache_dir, threads: int,

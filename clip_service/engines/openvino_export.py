@@ -25,18 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
 from clip_service.engines.openvino_import import ov
 from clip_service.engines.spec import ModelSpec, model_identity
+from clip_service.engines.text_prefix import encode_after_prefix, start_states
 from clip_service.engines.torch_engine import create_open_clip_model, cuts_context, encode_tokens
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "clip-service-openvino-v1"
-# What the exported towers take, part of the key: uint8 pixels normalised inside the graph, int64
-# tokens of any length (or the full context for towers that cannot be cut), unit features out.
-INPUT_LAYOUT = "image:u8[N,3,H,W]->unit;text:i64[N,L]->unit"
+EXPORT_FORMAT = "clip-service-openvino-v2"
+# What the exported towers take, part of the key: uint8 pixels normalised inside the graph; int64
+# tokens after a shared prefix given as per-layer states (text_prefix), or the full context for towers
+# that cannot be cut; unit features out.
+INPUT_LAYOUT = "image:u8[N,3,H,W]->unit;text:i64[N,S]+f32[layers,P,width]->unit,f32[layers,S,width]"
+START_STATES = "text-start.npy"  # the start-of-text token's per-layer inputs, where the text is cut
 WEIGHT_FORMATS = ("f32", "int8")
 TOWERS = ("image", "text")
 MANIFEST = "manifest.json"
@@ -51,7 +55,7 @@ class ExportedTowers:
     preprocess: dict  # open_clip's preprocess config (size, mean, std, interpolation, resize_mode)
     logit_scale: float
     logit_bias: float | None
-    cuts_context: bool  # the text tower takes tokens cut after end-of-text
+    cuts_context: bool  # the text tower takes tokens cut after end-of-text, after a shared prefix
     context_length: int
 
     def model_path(self, tower: str) -> Path:
@@ -93,7 +97,7 @@ def read_export(folder: Path, key: str, report: bool = True) -> ExportedTowers |
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-        if manifest.get("key") != key or set(files) != _file_names():
+        if manifest.get("key") != key or set(files) != _file_names(manifest["cuts_context"]):
             raise ValueError("the manifest does not match this model and OpenVINO version")
         for name, checksum in files.items():
             if _file_sha256(folder / name) != checksum:
@@ -113,8 +117,6 @@ def read_export(folder: Path, key: str, report: bool = True) -> ExportedTowers |
 def convert(spec: ModelSpec, weights: str, folder: Path) -> dict:
     """Trace both towers of the fp32 torch model into `folder`; returns the manifest's model fields."""
     model, _, tokenizer = create_open_clip_model(spec, torch.device("cpu"), "fp32")
-    import open_clip  # imported by create_open_clip_model already; here for its preprocess config
-
     preprocess = open_clip.get_model_preprocess_cfg(model)
     height, width = (preprocess["size"],) * 2 if isinstance(preprocess["size"], int) else preprocess["size"]
     cut = cuts_context(model)
@@ -122,17 +124,23 @@ def convert(spec: ModelSpec, weights: str, folder: Path) -> dict:
     sample_tokens = tokenizer(["a photo of a cat.", "itap of a dog."])
     if cut:
         sample_tokens = sample_tokens[:, :int(sample_tokens.argmax(dim=-1).max()) + 1]
-    towers = {
-        "image": (ImageTower(model, preprocess["mean"], preprocess["std"]),
-                  torch.zeros(1, 3, height, width, dtype=torch.uint8), ([-1, 3, height, width], ov.Type.u8)),
-        "text": (TextTower(model), sample_tokens, ([-1, -1 if cut else context], ov.Type.i64)),
-    }
+    image = (ImageTower(model, preprocess["mean"], preprocess["std"]),
+             torch.zeros(1, 3, height, width, dtype=torch.uint8), [([-1, 3, height, width], ov.Type.u8)])
+    if cut:
+        start = start_states(model, int(sample_tokens[0, 0]))  # (layers, 1, width)
+        np.save(folder / START_STATES, start.numpy())
+        layers, width_ = start.shape[0], start.shape[2]
+        text = (PrefixedTextTower(model), (sample_tokens[:, 1:], start),
+                [([-1, -1], ov.Type.i64), ([layers, -1, width_], ov.Type.f32)])
+    else:
+        text = (TextTower(model), sample_tokens, [([-1, context], ov.Type.i64)])
+    towers = {"image": image, "text": text}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # tracing warns that shape checks inside torch's attention become constants: they are checks
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation, from OpenVINO
         for tower, (module, example, shape) in towers.items():
-            converted = ov.convert_model(module, example_input=example, input=[shape])
+            converted = ov.convert_model(module, example_input=example, input=shape)
             if weights == "int8":
                 compress_weights_int8(converted)
             ov.save_model(converted, folder / f"{tower}.xml", compress_to_fp16=False)
@@ -160,8 +168,20 @@ class ImageTower(torch.nn.Module):
         return torch.nn.functional.normalize(features, dim=-1)
 
 
+class PrefixedTextTower(torch.nn.Module):
+    """int64 (N, S) tokens after a shared prefix, and its (layers, P, width) per-layer inputs ->
+    (N, D) unit features and the first text's (layers, S, width) per-layer inputs (text_prefix)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_after_prefix(self.model, tokens, states)
+
+
 class TextTower(torch.nn.Module):
-    """int64 (N, L) tokens -> (N, D) unit features; L is the batch's own length where the tower allows."""
+    """int64 (N, context) tokens -> (N, D) unit features: for towers that cannot be cut (SigLIP's)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -218,7 +238,7 @@ def _publish(root: Path, folder: Path, key: str, write) -> ExportedTowers:
     work = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
     try:
         fields = write(work)
-        files = {name: _file_sha256(work / name) for name in sorted(_file_names())}
+        files = {name: _file_sha256(work / name) for name in sorted(_file_names(fields["cuts_context"]))}
         manifest = {"format": EXPORT_FORMAT, "key": key, "openvino": ov.get_version(), "files": files,
                     **fields}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -233,8 +253,9 @@ def _publish(root: Path, folder: Path, key: str, write) -> ExportedTowers:
     return exported
 
 
-def _file_names() -> set[str]:
-    return {f"{tower}.{ext}" for tower in TOWERS for ext in ("xml", "bin")}
+def _file_names(cuts_context: bool) -> set[str]:
+    names = {f"{tower}.{ext}" for tower in TOWERS for ext in ("xml", "bin")}
+    return names | {START_STATES} if cuts_context else names
 
 
 def _file_sha256(path: Path) -> str:

@@ -21,12 +21,13 @@ def end_of_text_lengths(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def encode_in_length_batches(tokens: torch.Tensor, texts: list[str], cut: bool, batch_size: int,
-                             encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                             encode: Callable[[torch.Tensor], torch.Tensor], skip: int = 0) -> torch.Tensor:
     """(N, context) tokens -> (N, D) unit float32 features, `encode` run once per batch.
 
     With `cut`, texts are sorted by token length and each batch is cut to its longest text (the tower
     must be causal and pooled at end-of-text); without, every batch keeps the full context.
-    `encode`: (n, length) int64 tokens -> (n, D) features, unit or not.
+    `encode`: (n, length) int64 tokens -> (n, D) features, unit or not. `skip`: leading positions
+    that every text shares and `encode` already knows (text_prefix), left out of its batches.
     """
     lengths = end_of_text_lengths(tokens) if cut and tokens.ndim == 2 else None
     if lengths is not None and bool((lengths == tokens.shape[1]).any()):
@@ -40,7 +41,7 @@ def encode_in_length_batches(tokens: torch.Tensor, texts: list[str], cut: bool, 
         index = order[start:start + batch_size]
         batch = tokens[index]
         if lengths is not None:
-            batch = batch[:, :int(lengths[index].max())]
+            batch = batch[:, skip:int(lengths[index].max())]
         encoded = torch.nn.functional.normalize(encode(batch).float(), dim=-1).cpu()
         for position, row in zip(index.tolist(), encoded, strict=True):
             features[position] = row
