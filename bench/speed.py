@@ -4,8 +4,9 @@
     .venv/bin/python bench/speed.py [--arch ViT-B-32 | --model CLIP_MODEL] [--quick] [--out FILE]
 
 It reports requests/s and p50/p99 latency per input, image size and concurrency (with the ratio
-service/reference), cold and warm start-up, and the service's resident memory under steady load.
-See bench/README.md.
+service/reference), first, cold and warm start-up, and the service's resident memory under steady
+load; and, as the ceiling, the bare image tower of every engine and precision the machine runs,
+measured in the same run, with the service on each of them as a fraction of it. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -613,7 +614,7 @@ def benchmark(args, work: Path, running: list[Server], results: dict) -> None:
         log("bare image tower: " + ", ".join(f"{b} {p}" for b, p in args.engine_list))
         results["tower"] = [vars(row) for row in measure_towers(
             clip_model, work / "tower-cache", args.engine_list, seconds=min(args.seconds, 4.0), log=log,
-            device=args.device)]
+            device=args.device, before_timing=lambda: quiet_moment(args))]
     startup = results.setdefault("startup", {})
     first = service_server(args, clip_model, work, "service-first")
     startup["service_first"] = start(first, running, args.start_timeout)
@@ -639,6 +640,14 @@ def benchmark(args, work: Path, running: list[Server], results: dict) -> None:
     reference.stop()
     if "640x480" in images:
         run_engines(args, clip_model, work, images["640x480"], running, results)
+
+
+def quiet_moment(args) -> None:
+    """With --max-other-cpu, wait (at most 2 minutes) for other processes to calm down first."""
+    if args.max_other_cpu is not None:
+        busy = wait_for_quiet([], args.max_other_cpu)
+        if busy > args.max_other_cpu:
+            log(f"  the machine stayed busy ({busy} % CPU used by others); measuring anyway")
 
 
 def tower_row(results: dict, engine: str | None) -> dict | None:

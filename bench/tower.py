@@ -84,8 +84,11 @@ def per_image_ms(engine, pixels: torch.Tensor, seconds: float) -> float:
 
 def measure(clip_model: str, cache_dir: Path, engines: list[tuple[str, str]], seconds: float = 3.0,
             texts: list[str] | None = None, templates: tuple[str, ...] = (), log=print,
-            device: str = "cpu") -> list[TowerFigures]:
-    """Each engine in turn (one loaded at a time), against torch fp32's features on `device`."""
+            device: str = "cpu", before_timing=lambda: None) -> list[TowerFigures]:
+    """Each engine in turn (one loaded at a time), against torch fp32's features on `device`.
+
+    `before_timing()` runs before each engine is timed (bench/speed.py waits there for a quiet machine).
+    """
     spec = parse_model_spec(clip_model)
     reference = None
     figures = []
@@ -96,6 +99,7 @@ def measure(clip_model: str, cache_dir: Path, engines: list[tuple[str, str]], se
         if reference is None:
             reference = load_engine(spec, device, "fp32", "torch").encode_images(pixels)
         cosine = torch.nn.functional.cosine_similarity(features, reference, dim=-1).min().item()
+        before_timing()
         batch1, batch8 = per_image_ms(engine, pixels[:1], seconds), per_image_ms(engine, pixels, seconds)
         row = TowerFigures(backend, precision, round(batch1, 1), round(batch8, 1), round(1000 / batch8, 1),
                            round(cosine, 5))
