@@ -1,7 +1,9 @@
 """Accuracy benchmark: how often the service's model, labels and prompts name what is in a photo.
 
-    .venv/bin/python bench/accuracy.py FOLDER [--model CLIP_MODEL] [--labels folders|all] [--json FILE]
-    .venv/bin/python bench/accuracy.py FOLDER --compare MODEL [MODEL ...] [--json FILE]
+    .venv/bin/python -m bench.accuracy FOLDER [--model CLIP_MODEL] [--labels folders|all] [--json FILE]
+    .venv/bin/python -m bench.accuracy FOLDER --compare MODEL [MODEL ...] [--json FILE]
+
+Run it from the repository root, as a module of the bench package.
 
 FOLDER is in the ImageFolder layout: one sub-folder per expected label (`_` reads as a space), the
 images inside. Report A (the default) runs the service's own engine and gives top-1 and top-5 accuracy
@@ -31,18 +33,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # bench/ runs as a script; the package lives one folder up
-    sys.path.insert(0, str(ROOT))
+from clip_service.engines.base import Engine, ModelLoadError
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.inputs.images import ImageLimits, decode_image
+from clip_service.settings import Settings
+from clip_service.tasks.classify import label_probabilities
+from clip_service.vocabulary.features import build_vocabulary
+from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels, load_templates
 
-from clip_service.engines.base import Engine, ModelLoadError  # noqa: E402
-from clip_service.engines.registry import load_engine  # noqa: E402
-from clip_service.engines.spec import parse_model_spec  # noqa: E402
-from clip_service.inputs.images import ImageLimits, decode_image  # noqa: E402
-from clip_service.settings import Settings  # noqa: E402
-from clip_service.tasks.classify import label_probabilities  # noqa: E402
-from clip_service.vocabulary.features import build_vocabulary  # noqa: E402
-from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels, load_templates  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("accuracy")
 
@@ -502,7 +502,7 @@ instead of retrying the hub. See bench/ACCURACY.md."""
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/accuracy.py", description=__doc__.split("\n\n")[0],
+        prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("folder", type=Path, help="ImageFolder layout: FOLDER/<label>/<images>")
     which = parser.add_mutually_exclusive_group()

@@ -16,7 +16,7 @@ fi
 "$venv/bin/python" -c "import torch, open_clip, flask, gunicorn; assert torch.cuda.is_available(), 'no CUDA'"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-machine.txt"
 for arch in ViT-B-32 ViT-L-14; do
-    CLIP_VENV="$venv" PYTHONUNBUFFERED=1 "$venv/bin/python" bench/speed.py --arch "$arch" \
+    CLIP_VENV="$venv" PYTHONUNBUFFERED=1 "$venv/bin/python" -m bench.speed --arch "$arch" \
         --concurrency 1,16,64 --sizes 640x480 --seconds "${SECONDS_PER_CELL:-6}" \
         --memory-requests 0 --out "$out/gpu-$arch.json"
 done

@@ -6,7 +6,7 @@ per forward pass with no lock and no batching: concurrent requests simply run th
 side by side on the same cores. Deliberately nothing from clip_service except label loading, so every
 gain the service makes over this file is a gain of the service, not of shared code.
 
-    .venv/bin/python bench/reference_server.py --port 7779 --model local-dir:/tmp/model
+    .venv/bin/python -m bench.reference_server --port 7779 --model local-dir:/tmp/model   # from the root
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import torch
 from flask import Flask, jsonify, request
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from clip_service.vocabulary.labels import load_labels  # the only import from the service
 
-from clip_service.vocabulary.labels import load_labels  # noqa: E402  (the only import from the service)
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "a photo of a {}."
 THRESHOLD = 0.01

@@ -7,7 +7,7 @@ inference, its request threads, the gunicorn master, the load generator and ever
 request threads' CPU split by what they were doing (reading the request, decoding, preparing,
 waiting for the GIL, scoring, JSON...).
 
-    .venv/bin/python bench/serving_profile.py [--arch ViT-B-32] [--concurrency 16] [--seconds 20]
+    .venv/bin/python -m bench.serving_profile [--arch ViT-B-32] [--concurrency 16] [--seconds 20]
         [--size 640x480] [--service-env KEY=VALUE ...] [--raw FILE]
 """
 
@@ -24,18 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import check_answer, run_closed_loop  # noqa: E402  (bench/ runs as a script)
-from speed import (  # noqa: E402
-    SIZES,
-    Server,
-    _process_group,
-    clean_environ,
-    free_port,
-    make_images,
-    make_send,
-    prepare_model,
-)
+from bench.load import check_answer, run_closed_loop
+from bench.speed import SIZES, Server, _process_group, make_images, make_send, prepare_model
+from tests.support.http_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a request thread's sample was doing, by the first matching frame from the innermost outwards:
@@ -147,11 +138,10 @@ def main() -> None:
         work = Path(tmp)
         clip_model, note = prepare_model(args, work / "model")
         images = make_images(work / "images", (args.size,))[args.size]
-        env = clean_environ()
-        env.update({"PORT": str(free_port()), "PRIVATE": "True", "CLIP_ENV_FILE": "/nonexistent",
-                    "CLIP_MODEL": clip_model, "CLIP_CACHE_DIR": str(args.cache_dir or work / "cache"),
-                    "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "API_TIMEOUT": "0.2",
-                    **dict(item.split("=", 1) for item in args.service_env)})
+        env = {"PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": clip_model,
+               "CLIP_CACHE_DIR": str(args.cache_dir or work / "cache"),
+               "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "API_TIMEOUT": "0.2",
+               **dict(item.split("=", 1) for item in args.service_env)}
         server = Server("service", [str(ROOT / "CLIP.sh")], env, int(env["PORT"]), work / "service.log")
         server.start()
         try:

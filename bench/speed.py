@@ -1,12 +1,14 @@
 """Speed benchmark: the service exactly as CLIP.sh starts it, against the seed's naive server
 (bench/reference_server.py), same model, same labels, same images, same closed-loop load.
 
-    .venv/bin/python bench/speed.py [--arch ViT-B-32 | --model CLIP_MODEL] [--quick] [--out FILE]
+    .venv/bin/python -m bench.speed [--arch ViT-B-32 | --model CLIP_MODEL] [--quick] [--out FILE]
 
 It reports requests/s and p50/p99 latency per input, image size and concurrency (with the ratio
 service/reference), first, cold and warm start-up, and the service's resident memory under steady
 load; and, as the ceiling, the bare image tower of every engine and precision the machine runs,
 measured in the same run, with the service on each of them as a fraction of it. See bench/README.md.
+Run it from the repository root: the servers are started, waited for and stopped by the tests' own
+helpers (tests/support/server.py), in the same clean environment.
 """
 
 from __future__ import annotations
@@ -18,28 +20,20 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import (  # noqa: E402  (bench/ is not a package; it runs as a script)
-    Send,
-    check_answer,
-    file_request,
-    run_closed_loop,
-    upload_request,
-)
-from tower import format_table as format_tower_table  # noqa: E402
-from tower import measure as measure_towers  # noqa: E402
-from tower import supported_engines  # noqa: E402
+from bench.load import Send, check_answer, file_request, run_closed_loop, upload_request
+from bench.tower import format_table as format_tower_table
+from bench.tower import measure as measure_towers
+from bench.tower import supported_engines
+from tests.support import server as processes
+from tests.support.http_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4032x3024": (4032, 3024)}
@@ -50,13 +44,6 @@ NOTE_WORDS = ("WARNING", "ERROR", "CRITICAL", "Traceback", "Loading", "Encoding"
               "Convert")
 ENGINE_CONCURRENCIES = (1, 16)  # per engine: 640x480 uploads, beside the matrix
 JPEG_QUALITY = 90
-
-# Inherited settings would silently change what is measured: the service runs on CLIP.sh's defaults
-# plus what the benchmark sets and --service-env adds, nothing from the caller's shell.
-_SETTING_PREFIXES = ("CLIP_", "API_", "BATCH_", "EMOJI_", "URL_", "MAX_", "HEALTH_", "CORS_", "LOG_",
-                     "GUNICORN_")
-_SETTING_NAMES = {"PORT", "PRIVATE", "WORKERS", "THREADS", "TORCH_THREADS", "ALLOWED_FILE_ROOTS",
-                  "REQUEST_TIMEOUT"}
 
 
 def log(message: str) -> None:
@@ -150,9 +137,9 @@ def prepare_model(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
     """The CLIP_MODEL both servers get, and a description of it for the results."""
     if args.model:
         return args.model, f"{args.model} (passed through)"
-    sys.path.insert(0, str(ROOT / "tests"))
     import open_clip
-    from tiny_clip import write_tiny_clip
+
+    from tests.support.models import write_tiny_clip
 
     if args.arch:
         config = open_clip.get_model_config(args.arch)
@@ -166,7 +153,7 @@ def prepare_model(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
         write_tiny_clip(folder, model_cfg=config)
         return f"local-dir:{folder}", f"{args.arch}, full size, random weights"
     write_tiny_clip(folder)
-    return f"local-dir:{folder}", "tests/tiny_clip.py tiny model (random weights)"
+    return f"local-dir:{folder}", "tests/support/models.py tiny model (random weights)"
 
 
 def make_images(folder: Path, sizes: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -185,19 +172,6 @@ def make_images(folder: Path, sizes: tuple[str, ...]) -> dict[str, list[Path]]:
     return images
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (also used as the emoji API's closed port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_environ() -> dict[str, str]:
-    """The caller's environment without service settings (CLIP_VENV, which CLIP.sh reads, stays)."""
-    return {key: value for key, value in os.environ.items()
-            if key == "CLIP_VENV" or (not key.startswith(_SETTING_PREFIXES) and key not in _SETTING_NAMES)}
-
-
 def git_state() -> dict:
     """Which code was measured: others edit the service while benchmarks run."""
     def git(*words: str) -> str:
@@ -211,7 +185,12 @@ def git_state() -> dict:
 
 
 class Server:
-    """A server in its own process group, so stopping it also stops every worker it forked."""
+    """A server in its own process group, so stopping it also stops every worker it forked.
+
+    Started, waited for and stopped by tests/support/server.py, as the tests start theirs: in the
+    caller's environment without any service setting (nothing from the shell changes what is
+    measured), plus `env`: what the benchmark sets and --service-env adds.
+    """
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log_path: Path):
         self.name, self.command, self.env, self.port, self.log_path = name, command, env, port, log_path
@@ -223,39 +202,25 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log_file:
-            self.started = time.perf_counter()
-            self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.started = time.perf_counter()
+        self.process = processes.start(self.env, self.log_path, self.command, cwd=ROOT)
 
     def wait_healthy(self, timeout: float) -> tuple[float, dict]:
         """Seconds from process start to the first /health 200, and that answer."""
-        deadline = self.started + timeout
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.process.returncode}) during start-up:\n"
-                                   f"{self.log_tail()}")
-            try:
-                response = requests.get(f"{self.base}/health", timeout=2)
-                if response.status_code == 200:
-                    return time.perf_counter() - self.started, response.json()
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} was not healthy after {timeout:g} s:\n{self.log_tail()}")
+        try:
+            health = processes.wait_healthy(self.port, self.process,
+                                            timeout - (time.perf_counter() - self.started), self.log_path)
+        except AssertionError as error:
+            raise RuntimeError(f"{self.name}: {error}") from None
+        return time.perf_counter() - self.started, health
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-                self.process.wait(timeout=wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        try:
+            processes.stop(self.process)
+        except AssertionError as error:  # it was killed; the other servers must still be stopped
+            log(f"{self.name}: {error}")
 
     def rss_bytes(self) -> dict[int, int]:
         """VmRSS of every live process in the group (gunicorn master and workers), by pid."""
@@ -267,8 +232,7 @@ class Server:
         return sum(_smaps_field(pid, "Pss:") for pid in _process_group(self.process.pid))
 
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return processes.log_tail(self.log_path, lines)
 
 
 def _process_group(pgid: int) -> list[int]:
@@ -349,22 +313,20 @@ class OtherCpu:
 
 def service_server(args, clip_model: str, work: Path, name: str) -> Server:
     """The service as CLIP.sh starts it; only the settings the benchmark needs are set."""
-    env = clean_environ()
-    env.update({
-        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_ENV_FILE": "/nonexistent",
-        "CLIP_MODEL": clip_model, "CLIP_CACHE_DIR": str(work / "cache"),
-        "ALLOWED_FILE_ROOTS": str(work / "images"),
-        "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "API_TIMEOUT": "0.2",
+    env = {
+        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": clip_model,
+        "CLIP_CACHE_DIR": str(work / "cache"), "ALLOWED_FILE_ROOTS": str(work / "images"),
+        "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "API_TIMEOUT": "0.2",  # a closed port
         **args.extra_env,
-    })
-    return Server(name, [str(ROOT / "CLIP.sh")], env, int(env["PORT"]), work / f"{name}.log")
+    }
+    return Server(name, [str(processes.CLIP_SH)], env, int(env["PORT"]), work / f"{name}.log")
 
 
 def reference_server(clip_model: str, work: Path) -> Server:
     port = free_port()
-    command = [sys.executable, str(ROOT / "bench" / "reference_server.py"), "--port", str(port),
+    command = [sys.executable, "-m", "bench.reference_server", "--port", str(port),
                "--model", clip_model, "--labels-dir", str(ROOT / "labels")]
-    return Server("reference", command, clean_environ(), port, work / "reference.log")
+    return Server("reference", command, {}, port, work / "reference.log")
 
 
 def start(server: Server, running: list[Server], timeout: float) -> dict:

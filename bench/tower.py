@@ -7,7 +7,7 @@ does) and reports labels x templates per second. bench/speed.py runs the image p
 the service, as the ceiling the service is measured against. Random weights: speed does not depend on
 them.
 
-    .venv/bin/python bench/tower.py [--arch ViT-B-32 | --model CLIP_MODEL] [--texts]
+    .venv/bin/python -m bench.tower [--arch ViT-B-32 | --model CLIP_MODEL] [--texts]   # from the root
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # bench/ runs as a script; the package lives one folder up
-    sys.path.insert(0, str(ROOT))
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.settings import openvino_installed
+from clip_service.vocabulary.features import ensemble_features
+from clip_service.vocabulary.labels import load_labels, load_templates
 
-from clip_service.engines.registry import load_engine  # noqa: E402
-from clip_service.engines.spec import parse_model_spec  # noqa: E402
-from clip_service.settings import openvino_installed  # noqa: E402
-from clip_service.vocabulary.features import ensemble_features  # noqa: E402
-from clip_service.vocabulary.labels import load_labels, load_templates  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -133,8 +131,7 @@ def write_random_model(arch: str, folder: Path) -> str:
     """A full-size open_clip architecture with random weights in local-dir layout (tests' writer)."""
     import open_clip
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_clip import write_tiny_clip
+    from tests.support.models import write_tiny_clip
 
     config = open_clip.get_model_config(arch)
     if config is None:

@@ -1,36 +1,40 @@
-"""Fixtures: a tiny CLIP in local-dir layout, labels, settings, app -> client, and a network fence.
+"""Fixtures: a tiny CLIP in local-dir layout and its engine, labels, settings, app -> client, CLIP.sh's
+environment, a loopback HTTP server, and a network fence. Shared code that is not a fixture lives in
+tests/support/; no test module imports another.
 
 The fence is autouse: any connection to an address outside loopback fails the test instead of
 sending a packet, so a broken SSRF guard is caught without traffic leaving the machine.
+
+Tests marked `system` start real servers or system programs (CLIP.sh, REST.py, nginx, chromium,
+systemd-analyze); `pytest -m "not system"` runs the rest alone, and a test that starts one unmarked
+fails (tests/support/guard.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import signal
+import json
+import os
 import socket
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clip_service import Settings, create_app
+from tests.support import guard
+from tests.support.http_fixtures import LocalServer
+from tests.support.models import load_tiny_engine, write_tiny_clip
+from tests.support.server import clean_environment, clip_sh_env
+from tests.support.trained_clip import trained_model
+from tests.support.vocabulary import EMOJI, LABELS
 
-from tiny_clip import write_tiny_clip  # noqa: E402
-from trained_clip import trained_model  # noqa: E402
 
-from clip_service import Settings, create_app  # noqa: E402
-
-LABELS = {
-    "animals": ["cat", "dog", "horse", "bird"],
-    "foods": ["banana", "coffee", "pizza"],
-    "people": ["man", "woman", "astronaut"],
-}
-EMOJI = {"cat": "🐱", "dog": "🐕", "horse": "🐴", "bird": "🐦", "banana": "🍌", "coffee": "☕",
-         "pizza": "🍕", "man": "👨", "woman": "👩"}
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up: may it start servers and system programs?"""
+    guard.running_test = item.nodeid
+    guard.running_test_is_system = item.get_closest_marker("system") is not None
 
 
 class ForbiddenConnection(AssertionError):
@@ -101,7 +105,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(request, tmp_path_factory) -> Path:
-    """A tiny CLIP trained to name colours (tests/trained_clip.py), kept in pytest's cache folder
+    """A tiny CLIP trained to name colours (tests/support/trained_clip.py), kept in pytest's cache folder
     between runs; trained into a temporary folder when there is no writable cache."""
     cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     if cache is not None:
@@ -120,8 +124,6 @@ def labels_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def emoji_file(tmp_path_factory) -> Path:
-    import json
-
     path = tmp_path_factory.mktemp("emoji") / "emoji.json"
     path.write_text(json.dumps(EMOJI, ensure_ascii=False))
     return path
@@ -167,74 +169,6 @@ def client(app):
     return app.test_client()
 
 
-class QuietHandler(BaseHTTPRequestHandler):
-    """A request handler that does not log, with a one-call answer."""
-
-    def answer(self, status: int, body: bytes, headers: dict | None = None) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def serve_http(handler: type[BaseHTTPRequestHandler], port: int = 0) -> ThreadingHTTPServer:
-    """A threaded HTTP server on 127.0.0.1, serving in a daemon thread; stop it with stop_http."""
-    ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def stop_http(server: ThreadingHTTPServer) -> None:
-    server.shutdown()
-    server.server_close()
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail a request that hangs instead of hanging the test run (main thread, Unix)."""
-
-    def hung(signum, frame):
-        raise TimeoutError(f"the request was still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class LocalServer:
-    """A real HTTP server on 127.0.0.1; `routes` maps a path to (status, headers, body)."""
-
-    def __init__(self, port: int = 0):
-        routes = self.routes = {}
-        hits = self.hits = []
-
-        class Handler(QuietHandler):
-            def do_GET(self):
-                hits.append(self.path)
-                status, headers, body = routes.get(self.path, (404, {}, b"not found"))
-                self.answer(status, body, headers)
-
-        self.server = serve_http(Handler, port)
-        self.port = self.server.server_address[1]
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self):
-        stop_http(self.server)
-
-
 @pytest.fixture
 def local_server():
     server = LocalServer()
@@ -242,7 +176,29 @@ def local_server():
     server.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    """The torch engine on the tiny model, loaded once for the session: wrap it, and patch it only
+    through monkeypatch, which puts it back."""
+    return load_tiny_engine(tiny_model_dir)
+
+
+@pytest.fixture
+def server_env(settings, tmp_path, local_server) -> dict[str, str]:
+    """CLIP.sh's settings for the `settings` fixture's model, labels and emoji: one worker of four
+    threads, url= allowed to 127.0.0.1 (local_server), file= under tmp_path, the emoji API at
+    local_server."""
+    return clip_sh_env(settings.clip_model, settings.labels_dir, settings.emoji_dictionary,
+                       tmp_path / "cache", api_port=local_server.port, api_timeout=1,
+                       URL_ALLOWLIST="127.0.0.1", ALLOWED_FILE_ROOTS=tmp_path, WORKERS=1, THREADS=4)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """This process's environment as clean_environment() gives it to a server, for commands run
+    in-process (the tag command's main()); the monkeypatch, to change it further."""
+    cleaned = clean_environment()
+    for name in set(os.environ) - set(cleaned):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CLIP_ENV_FILE", cleaned["CLIP_ENV_FILE"])
+    return monkeypatch

@@ -324,7 +324,7 @@ def preload() -> None:
     """
     for name in PRELOAD:
         importlib.import_module(name)
-    leaked = [name for name in sys.modules if name.split(".")[0] in ("clip_service", "conftest")]
+    leaked = [name for name in sys.modules if name.split(".")[0] in ("clip_service", "tests", "conftest")]
     if leaked or threading.active_count() != 1:
         raise SystemExit(f"preloading imported project modules or started threads: {leaked}")
 
@@ -383,6 +383,8 @@ def _pytest_in_child(copy: Path, tests: tuple[str, ...], log_path: Path) -> None
         os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
         sys.path[:] = [entry for entry in sys.path
                        if entry and Path(entry).resolve() not in (ROOT, ROOT / "tests")]
+        for name in [name for name in sys.modules if name.split(".")[0] in ("tests", "bench")]:
+            del sys.modules[name]  # the tests package (tests.support, conftest) comes from the copy
         import pytest
 
         code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider",

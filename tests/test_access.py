@@ -1,4 +1,5 @@
-"""Who may call the service: API_KEY (Bearer) on every route but /health and /, and CORS_ORIGINS."""
+"""Who may call the service (http/access.py): API_KEY (Bearer) on every route but /health and /, and
+CORS_ORIGINS."""
 
 from __future__ import annotations
 
@@ -6,15 +7,11 @@ import dataclasses
 import io
 
 import pytest
-from fake_engines import load_tiny_engine
-from test_routes import assert_error, assert_success, image_bytes, upload
+
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 KEY = "s3cret-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
 
 
 @pytest.fixture

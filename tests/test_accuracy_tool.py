@@ -5,7 +5,6 @@ The tiny model is random: these tests check counts, structure and consistency, n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_service.engines.registry import load_engine
+from bench import accuracy
 from clip_service.engines.spec import parse_model_spec
 from clip_service.inputs.images import ImageLimits, decode_image
 from clip_service.tasks.classify import Classifier
@@ -27,18 +26,6 @@ from clip_service.vocabulary.features import build_vocabulary
 from clip_service.vocabulary.labels import LabelSet, load_templates
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "bench" / "accuracy.py"
-
-
-def _import_tool():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _import_tool()
 
 CLASSES = ("cat", "dog", "car")
 PER_CLASS = 3
@@ -212,7 +199,7 @@ def test_report_a_on_the_folder_labels(image_folder, tiny_model_dir, tmp_path, c
     assert "Costliest confusions" in text and "broken.jpg" in text
 
 
-def test_report_a_counts_what_the_service_answers(image_folder, tiny_model_dir, tmp_path):
+def test_report_a_counts_what_the_service_answers(image_folder, tiny_model_dir, tiny_engine, tmp_path):
     """Each prompt set's answers are the service's own Classifier's, image by image.
 
     The tool encodes in batches; the service one image at a time. In reduced precision (bf16 on a CPU
@@ -221,11 +208,10 @@ def test_report_a_counts_what_the_service_answers(image_folder, tiny_model_dir, 
     """
     out = tmp_path / "a.json"
     assert accuracy.main([str(image_folder), "--model", f"local-dir:{tiny_model_dir}", "--json", str(out),
-                          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--batch-size", "4"]) == 0
+                          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--batch-size", "4",
+                          "--backend", "torch"]) == 0  # tiny_engine's
     result = json.loads(out.read_text())["result"]
-    # the engine the service (and the tool, by default) runs: CLIP_BACKEND=auto, CLIP_PRECISION=auto
-    engine = load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu", "auto", "auto",
-                         tmp_path / "cache")
+    engine = tiny_engine
     no_emoji = type("NoEmoji", (), {"emoji_for": lambda self, label: None})()
     limits = ImageLimits(8 << 20, 60_000_000)
     compared = 0
@@ -304,15 +290,17 @@ def test_report_a_with_an_unloadable_model_fails_cleanly(image_folder, tmp_path,
 
 
 def test_cli_compare_with_an_offline_hub_model(image_folder, tiny_model_dir, tmp_path):
-    """As a command: the tiny model is measured; ViT-B/32, with no cache and the hub offline, is not."""
+    """As a command (python -m bench.accuracy, from the repository root): the tiny model is measured;
+    ViT-B/32, with no cache and the hub offline, is not."""
     out = tmp_path / "b.json"
     (tmp_path / "hf").mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
     done = subprocess.run(
-        [sys.executable, str(TOOL), str(image_folder), "--compare", f"local-dir:{tiny_model_dir}", "ViT-B/32",
-         "--json", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+        [sys.executable, "-m", "bench.accuracy", str(image_folder), "--compare",
+         f"local-dir:{tiny_model_dir}", "ViT-B/32", "--json", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["models"]
     assert rows[0]["status"] == "ok" and rows[0]["images_scored"] == 3 * PER_CLASS

@@ -7,28 +7,21 @@ import io
 import json
 from pathlib import Path
 
-import pytest
-from fake_engines import EngineWrapper, load_tiny_engine
-from PIL import Image
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import clip_service
 from clip_service.http.app import MULTIPART_OVERHEAD, create_app
 from clip_service.service import ClipService
+from tests.support.engines import EngineWrapper
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success
 
 ROUTES = {"/analyze": {"GET", "POST"}, "/health": {"GET"}, "/labels": {"GET"}, "/metrics": {"GET"},
           "/": {"GET"}, "/static/page.css": {"GET"}, "/static/page.js": {"GET"}, "/openapi.json": {"GET"}}
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
-
-
 def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), "red").save(buffer, "PNG")
-    return buffer.getvalue()
+    return image_bytes("PNG", (40, 30), "red")
 
 
 def test_the_package_gives_the_factory(app):
@@ -48,7 +41,8 @@ def test_a_given_engine_is_used_as_it_is(make_app, settings, tiny_engine):
     app = make_app(settings, engine=engine)
     assert app.extensions["clip_service"].classifier.engine is engine
     response = app.test_client().post("/analyze", data={"file": (io.BytesIO(png()), "x.png")})
-    assert response.status_code == 200 and engine.batches == [1]
+    assert_success(response)
+    assert engine.batches == [1]
 
 
 def test_json_keeps_emoji_as_characters_and_keys_in_order(make_app, settings, tiny_engine):
@@ -64,15 +58,14 @@ def test_uploads_are_bounded_by_max_image_bytes(make_app, settings, tiny_engine)
     assert app.config["MAX_CONTENT_LENGTH"] == 4096 + MULTIPART_OVERHEAD
     response = app.test_client().post(
         "/analyze", data={"file": (io.BytesIO(b"\0" * (4096 + MULTIPART_OVERHEAD)), "x.png")})
-    assert response.status_code == 413
-    assert response.get_json()["status"] == "error" and response.get_json()["predictions"] == []
+    assert_error(response, 413)
 
 
 def test_a_bad_query_string_is_refused_before_the_key_is_checked(make_app, settings, tiny_engine):
     client = make_app(dataclasses.replace(settings, api_key="s3cret"), engine=tiny_engine).test_client()
-    assert client.get("/analyze?url=%ff").status_code == 401  # percent-encoded: a plain string
+    assert_error(client.get("/analyze?url=%ff"), 401)  # percent-encoded: a plain string
     response = client.get("/analyze", environ_overrides={"QUERY_STRING": b"url=\xff".decode("latin-1")})
-    assert response.status_code == 400 and "not valid UTF-8" in response.get_json()["error"]["message"]
+    assert_error(response, 400, "not valid UTF-8")
 
 
 def test_trusted_proxies_put_proxy_fix_in_front(make_app, settings, tiny_engine):
@@ -97,7 +90,7 @@ def test_answers_name_a_local_model_by_its_folder_not_the_servers_path(make_app,
     folder = settings.clip_model.removeprefix("local-dir:")
     expected = "local-dir:" + Path(folder).name
     health = client.get("/health").get_json()
-    analyzed = client.post("/analyze", data={"file": (io.BytesIO(png()), "x.png")}).get_json()
+    analyzed = assert_success(client.post("/analyze", data={"file": (io.BytesIO(png()), "x.png")}))
     metrics = client.get("/metrics").get_data(as_text=True)
     assert health["model"] == expected and analyzed["metadata"]["model_info"]["model"] == expected
     assert folder not in json.dumps(health) + json.dumps(analyzed) + metrics

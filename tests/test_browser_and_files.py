@@ -3,22 +3,23 @@ browser can get from a service on the user's machine, and `file=` while folders 
 
 from __future__ import annotations
 
-import io
-
+import pytest
 import requests
-from file_races import flipping_to_a_symlink
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401  (server_env: a fixture)
-from trained_clip import draw_picture, write_labels
+
+from tests.support.file_races import flipping_to_a_symlink
+from tests.support.images import encode
+from tests.support.server import start, stop, wait_healthy
+from tests.support.trained_clip import draw_picture, write_labels
+
+pytestmark = pytest.mark.system
 
 
 def png(colour: str) -> bytes:
-    buffer = io.BytesIO()
-    draw_picture(colour, "circle", size=96, seed=20_000).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode(draw_picture(colour, "circle", size=96, seed=20_000), "PNG")
 
 
 def test_pages_elsewhere_get_nothing_and_files_never_leak(
-        server_env, trained_model_dir, tmp_path):  # noqa: F811
+        server_env, trained_model_dir, tmp_path):
     """The model knows colours: a red file inside the root, a blue one outside it."""
     root, outside = tmp_path / "photos", tmp_path / "outside"
     (root / "album").mkdir(parents=True)

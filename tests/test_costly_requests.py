@@ -7,7 +7,6 @@ of long labels really takes seconds; the image tower stays tiny.
 from __future__ import annotations
 
 import copy
-import io
 import threading
 import time
 from pathlib import Path
@@ -15,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-from test_routes import image_bytes
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401  (server_env: a fixture)
-from tiny_clip import TINY_CONFIG, write_tiny_clip
+
+from tests.support.images import encode, image_bytes
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.server import start, stop, wait_healthy, worker_pids
+
+pytestmark = pytest.mark.system
 
 TEXT_HEAVY_CONFIG = copy.deepcopy(TINY_CONFIG)
 TEXT_HEAVY_CONFIG["text_cfg"].update(width=256, heads=4, layers=6)
@@ -33,7 +34,7 @@ def text_heavy_model_dir(tmp_path_factory):
 
 def serve(env: dict, log: Path):
     process = start(env, log)
-    wait_healthy(int(env["PORT"]), process)
+    wait_healthy(int(env["PORT"]), process, log_path=log)
     return process, f"http://127.0.0.1:{env['PORT']}"
 
 
@@ -56,7 +57,7 @@ def four_at_once(base: str, labels: list[str]) -> list[tuple[int, float, str]]:
     return results
 
 
-def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, tmp_path):  # noqa: F811
+def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, tmp_path):
     """100 new 64-character CJK labels, four requests at once, REQUEST_TIMEOUT=3."""
     env = {**server_env, "CLIP_MODEL": f"local-dir:{text_heavy_model_dir}", "REQUEST_TIMEOUT": "3"}
     env.pop("THREADS")
@@ -92,20 +93,18 @@ def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, 
 def sixteen_bit_png(side: int = 7745) -> bytes:
     values = np.zeros((side, side), dtype=np.uint16)
     values[::7, ::5] = 60000
-    buffer = io.BytesIO()
-    Image.fromarray(values).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode(values, "PNG")
 
 
 def worker_peak_kilobytes(master_pid: int) -> int:
     """Peak resident memory (VmHWM) of the gunicorn master's one worker."""
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    children = worker_pids(master_pid)
     assert len(children) == 1, children
-    status = Path(f"/proc/{children[0]}/status").read_text()
+    status = Path(f"/proc/{children.pop()}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
-def test_four_huge_16_bit_images_at_once_cost_little_more_than_rgb(server_env, tmp_path):  # noqa: F811
+def test_four_huge_16_bit_images_at_once_cost_little_more_than_rgb(server_env, tmp_path):
     """Four concurrent 7745 x 7745 16-bit PNGs (about 130 KB each) through CLIP.sh's defaults."""
     data = sixteen_bit_png()
     env = {**server_env, "REQUEST_TIMEOUT": "30"}

@@ -7,15 +7,9 @@ import time
 
 import pytest
 import torch
-from fake_engines import load_tiny_engine
 
 from clip_service.errors import BadInput, DeadlineExceeded, Overloaded
 from clip_service.vocabulary.custom_labels import CustomLabelCache, prompt_tokens
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
 
 
 class CountingEncoder:

@@ -2,18 +2,10 @@ import json
 import time
 
 import pytest
-from conftest import LocalServer, free_port
 
 from clip_service.vocabulary.emoji import EmojiMapper, concept_key, parse_mappings
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support.http_fixtures import LocalServer, free_port
+from tests.support.waiting import wait_for
 
 
 def test_concept_key():

@@ -7,41 +7,36 @@ import torch
 from PIL import Image
 
 from clip_service.engines.base import EngineOutOfMemory
-from clip_service.engines.registry import default_batch_size, load_engine
+from clip_service.engines.registry import default_batch_size
 from clip_service.engines.spec import ModelSpecError, parse_model_spec
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu")
+def test_engine_describes_itself_without_torch_types(tiny_engine, tiny_model_dir):
+    assert tiny_engine.backend == "torch"
+    assert (tiny_engine.device_name, tiny_engine.device_kind) == ("cpu", "cpu")
+    assert tiny_engine.weights_source == "OpenCLIP" and tiny_engine.name == f"local-dir:{tiny_model_dir}"
+    assert tiny_engine.input_size == (64, 64)
+    assert default_batch_size(tiny_engine) == 8
 
 
-def test_engine_describes_itself_without_torch_types(engine, tiny_model_dir):
-    assert engine.backend == "torch"
-    assert (engine.device_name, engine.device_kind) == ("cpu", "cpu")
-    assert engine.weights_source == "OpenCLIP" and engine.name == f"local-dir:{tiny_model_dir}"
-    assert engine.input_size == (64, 64)
-    assert default_batch_size(engine) == 8
-
-
-def test_out_of_memory_becomes_the_backend_neutral_error(engine, monkeypatch):
+def test_out_of_memory_becomes_the_backend_neutral_error(tiny_engine, monkeypatch):
     def exhausted(pixels):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine.model, "encode_image", exhausted)
-    pixels = engine.prepare(Image.new("RGB", (64, 64))).unsqueeze(0)
+    monkeypatch.setattr(tiny_engine.model, "encode_image", exhausted)
+    pixels = tiny_engine.prepare(Image.new("RGB", (64, 64))).unsqueeze(0)
     with pytest.raises(EngineOutOfMemory, match="cpu ran out of memory on a batch of 1") as caught:
-        engine.encode_images(pixels)
+        tiny_engine.encode_images(pixels)
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
 
 
-def test_other_engine_errors_pass_through(engine, monkeypatch):
+def test_other_engine_errors_pass_through(tiny_engine, monkeypatch):
     def broken(pixels):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(engine.model, "encode_image", broken)
+    monkeypatch.setattr(tiny_engine.model, "encode_image", broken)
     with pytest.raises(RuntimeError, match="device-side assert"):
-        engine.encode_images(engine.prepare(Image.new("RGB", (64, 64))).unsqueeze(0))
+        tiny_engine.encode_images(tiny_engine.prepare(Image.new("RGB", (64, 64))).unsqueeze(0))
 
 
 @pytest.mark.parametrize("raw, start", [

@@ -2,7 +2,7 @@
 API, a corrupt label cache, an over-long label, and a failing, hung or out-of-memory device.
 
 Everything a real model can show runs on CLIP.sh (gunicorn), the server users run. Faults of the device
-itself need an engine that fails or hangs on demand (tests/fake_engines.py, at the model seam): those
+itself need an engine that fails or hangs on demand (tests/support/engines.py, at the model seam): those
 run in-process, on the app behind Flask's test client, and so do the per-mode start-up bounds of the
 emoji client and the other cache corruptions (the real tiny model, no server).
 """
@@ -21,32 +21,18 @@ import time
 
 import pytest
 import requests
-from conftest import QuietHandler, free_port, serve_http, stop_http
-from fake_engines import DeviceFaultEngine, HangingEngine, OutOfMemoryEngine, load_tiny_engine
-from test_routes import assert_error, assert_success, image_bytes, upload
-from test_serving import ClipServer, server_env, start, stop, wait_healthy, worker_pids  # noqa: F401
 
 from clip_service.inputs.images import ImageLimits, decode_image
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier
 from clip_service.vocabulary.emoji import EmojiMapper
 from clip_service.vocabulary.reload import load_vocabulary
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
-
-
-def wait_for(condition, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    return condition()
-
+from tests.support.engines import DeviceFaultEngine, HangingEngine, OutOfMemoryEngine
+from tests.support.http_fixtures import QuietHandler, serve_http, stop_http
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
+from tests.support.server import ClipServer, clip_sh_env, start, stop, wait_healthy, worker_pids
+from tests.support.waiting import wait_for
 
 # --- the real server: SIGTERM drain and a killed worker --------------------------------------------
 
@@ -72,7 +58,8 @@ class DelayedImage:
         stop_http(self.server)
 
 
-def test_sigterm_drains_a_request_in_flight(server_env, tmp_path):  # noqa: F811
+@pytest.mark.system
+def test_sigterm_drains_a_request_in_flight(server_env, tmp_path):
     upstream = DelayedImage(2.0, image_bytes())
     process = start(server_env, tmp_path / "drain.log")
     base = f"http://127.0.0.1:{server_env['PORT']}"
@@ -113,7 +100,8 @@ def test_sigterm_drains_a_request_in_flight(server_env, tmp_path):  # noqa: F811
 KILLED_WORKER_SECONDS = 5.0  # asserted: /health and an upload 200 again (measured: 0.3 to 0.9 s, tiny model)
 
 
-def test_a_killed_worker_is_replaced(server_env, tmp_path):  # noqa: F811
+@pytest.mark.system
+def test_a_killed_worker_is_replaced(server_env, tmp_path):
     env = {**server_env, "WORKERS": "1", "THREADS": "2"}
     process = start(env, tmp_path / "kill.log")
     base = f"http://127.0.0.1:{env['PORT']}"
@@ -281,12 +269,13 @@ def hostile():
     ("/short-body", 502, "Could not fetch URL"),
     ("/lying-length", 413, "MAX_IMAGE_BYTES"),
 ])
+@pytest.mark.system
 def test_hostile_upstream_is_answered_in_time(fault_server, hostile, path, status, fragment):
     analyze = f"{fault_server.base}/analyze"
     began = time.monotonic()
     response = requests.get(analyze, params={"url": hostile.url(path)}, timeout=30)
     took = time.monotonic() - began
-    assert_http_error(response, status, fragment)
+    assert_error(response, status, fragment)
     assert took < 2.0, f"{path} held the request for {took:.2f} s (URL_TIMEOUT=1)"
     assert requests.get(analyze, params={"url": hostile.url("/image")}, timeout=30).status_code == 200
     assert fault_server.upload(PNG).status_code == 200
@@ -535,14 +524,6 @@ def test_out_of_memory_on_every_batch_is_503_and_the_worker_survives(make_app, s
 LONG_LABEL = " ".join(f"word{i}" for i in range(300))
 
 
-def assert_http_error(response: requests.Response, status: int, fragment: str = "") -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert (body["service"], body["status"], body["predictions"]) == ("clip", "error", [])
-    assert fragment in body["error"]["message"], body["error"]["message"]
-    return body["error"]["message"]
-
-
 @pytest.fixture(scope="module")
 def emoji_api():
     api = EmojiApi("hang", '{"cat": "🐈"}'.encode())
@@ -551,7 +532,7 @@ def emoji_api():
 
 
 @pytest.fixture(scope="module")
-def fault_server(tiny_model_dir, labels_dir, emoji_file, emoji_api, tmp_path_factory):
+def fault_server(tiny_model_dir, tiny_engine, labels_dir, emoji_file, emoji_api, tmp_path_factory):
     """CLIP.sh on the tiny model, started into three faults at once:
 
     - its label-feature cache has one byte flipped (written here by the same model, then damaged);
@@ -567,25 +548,20 @@ def fault_server(tiny_model_dir, labels_dir, emoji_file, emoji_api, tmp_path_fac
     (labels / "things.txt").write_text(f"{LONG_LABEL}\n")
     settings = Settings(clip_model=f"local-dir:{tiny_model_dir}", backend="torch", labels_dir=labels,
                         cache_dir=folder / "cache")
-    engine = load_tiny_engine(tiny_model_dir)
-    reference = Classifier(engine, load_vocabulary(settings, engine), EmojiMapper({}, None, 0))
+    reference = Classifier(tiny_engine, load_vocabulary(settings, tiny_engine), EmojiMapper({}, None, 0))
     (cache,) = settings.cache_dir.glob("label-features-*.safetensors")
     cache.write_bytes(_flipped(cache.read_bytes()))
-    env = {
-        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": settings.clip_model,
-        "CLIP_BACKEND": settings.backend,  # the reference's engine: the same label features
-        "CLIP_LABELS_DIR": str(labels), "CLIP_CACHE_DIR": str(settings.cache_dir),
-        "EMOJI_DICTIONARY": str(emoji_file), "CLIP_CONFIDENCE_THRESHOLD": "0",
-        "CLIP_MAX_PREDICTIONS": "11", "API_HOST": "127.0.0.1", "API_PORT": str(emoji_api.port),
-        "API_TIMEOUT": "0.5", "EMOJI_RETRY_SECONDS": "0.2", "URL_ALLOWLIST": "127.0.0.1",
-        "URL_TIMEOUT": "1", "MAX_IMAGE_BYTES": str(1024 * 1024), "WORKERS": "1", "THREADS": "4",
-    }
+    env = clip_sh_env(settings.clip_model, labels, emoji_file, settings.cache_dir, api_port=emoji_api.port,
+                      api_timeout=0.5, CLIP_MAX_PREDICTIONS=11, EMOJI_RETRY_SECONDS=0.2,
+                      URL_ALLOWLIST="127.0.0.1", URL_TIMEOUT=1, MAX_IMAGE_BYTES=1024 * 1024, WORKERS=1,
+                      THREADS=4)
     server = ClipServer(env, folder / "faults.log")
     server.reference, server.settings = reference, settings
     yield server
     assert server.stop() == 0
 
 
+@pytest.mark.system
 def test_a_corrupt_label_cache_is_rebuilt_on_clip_sh(fault_server, caplog):
     log = fault_server.log.read_text()
     assert "rebuilding it" in log and "Encoding 11 labels" in log
@@ -600,6 +576,7 @@ def test_a_corrupt_label_cache_is_rebuilt_on_clip_sh(fault_server, caplog):
     assert all(abs(served[label] - expected[label]) <= 0.001 for label in expected), (served, expected)
 
 
+@pytest.mark.system
 def test_a_label_longer_than_the_context_is_cut_with_a_warning(fault_server):
     health = requests.get(f"{fault_server.base}/health", timeout=10).json()
     assert health["num_labels"] == 11
@@ -613,6 +590,7 @@ def test_a_label_longer_than_the_context_is_cut_with_a_warning(fault_server):
 EMOJI_REQUEST_SECONDS = 1.0  # asserted: an upload while the emoji API is broken (measured: up to 0.22 s)
 
 
+@pytest.mark.system
 def test_a_broken_emoji_api_never_delays_requests_on_clip_sh(fault_server, emoji_api):
     """The worker's emoji client meets each failure in turn while uploads are served from the local
     dictionary without waiting; once the API answers properly its mappings appear."""

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import collections
 import copy
-import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
-from conftest import free_port
-from test_routes import image_bytes
-from test_scale_out import nginx_command, nginx_config, wait_listening
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401
-from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.http.front_door import parse_head
+from tests.support.http_fixtures import free_port
+from tests.support.images import image_bytes
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.nginx import nginx_config, require_nginx, start_nginx, stop_nginx, wait_listening
+from tests.support.server import start, stop, wait_healthy
 
 SLOW_CONFIG = copy.deepcopy(TINY_CONFIG)
 SLOW_CONFIG["vision_cfg"].update(image_size=256, patch_size=8, width=64, head_width=32, layers=2)
@@ -34,14 +32,14 @@ def slow_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def door_server(server_env, slow_model_dir, tmp_path):  # noqa: F811
+def door_server(server_env, slow_model_dir, tmp_path):
     """CLIP.sh with its defaults (no THREADS, no MAX_QUEUE), the slow model, and a short deadline."""
     env = {key: value for key, value in server_env.items() if key not in ("THREADS", "WORKERS")}
     env.update(CLIP_MODEL=f"local-dir:{slow_model_dir}", REQUEST_TIMEOUT="3")
     process = start(env, tmp_path / "door.log")
     port = int(env["PORT"])
     try:
-        wait_healthy(port, process)
+        wait_healthy(port, process, log_path=tmp_path / "door.log")
         yield f"http://127.0.0.1:{port}", port
     finally:
         stop(process)
@@ -89,6 +87,7 @@ def read_answer(sock: socket.socket, timeout: float = 10) -> bytes:
     return answer
 
 
+@pytest.mark.system
 def test_overload_gets_503_at_once_deadlines_hold_and_health_stays_fast(door_server):
     """300 clients at once, 3 uploads each (900), REQUEST_TIMEOUT=3, CLIP.sh's defaults."""
     base, _ = door_server
@@ -191,6 +190,7 @@ def traffic_beside_slow_clients(base: str, port: int, seconds: float, wait_for_c
     return answers
 
 
+@pytest.mark.system
 def test_slow_clients_leave_health_and_uploads_alone(door_server):
     """Straight at CLIP.sh: the drippers cost nothing but a socket, and each is cut at its deadline."""
     base, port = door_server
@@ -201,6 +201,7 @@ def test_slow_clients_leave_health_and_uploads_alone(door_server):
     assert cut == 64, "each dripper is cut at REQUEST_TIMEOUT"
 
 
+@pytest.mark.system
 def test_framing_the_door_refuses_or_handles(door_server):
     base, port = door_server
     data = image_bytes("JPEG", (320, 240), (30, 30, 200))
@@ -257,17 +258,44 @@ def test_threads_beyond_max_queue_stop_start_up():
     assert settings_from_mapping({}).serving_threads == 16, "two CPU batches: one in the model, one arriving"
 
 
+@pytest.mark.system
 def test_slow_clients_through_nginx_leave_health_and_uploads_alone(door_server, tmp_path):
     """The same drippers against services/nginx-clip.conf in front of CLIP.sh."""
+    require_nginx()
     _, service_port = door_server
     nginx_port = free_port()
     main = nginx_config(tmp_path, nginx_port, [service_port, service_port])
-    nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
-                             stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
+    nginx = start_nginx(main)
     base = f"http://127.0.0.1:{nginx_port}"
     try:
         wait_listening(base, nginx)
         traffic_beside_slow_clients(base, nginx_port, seconds=2.5, wait_for_cut=False)
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(timeout=10)
+        stop_nginx(nginx)
+
+
+@pytest.mark.system
+def test_clients_that_never_close_do_not_stall_the_event_loop(door_server):
+    """40 clients each read a `Connection: close` answer and keep their socket open: gunicorn's own
+    graceful close would wait up to 2 s for each on the event loop, and /health with it."""
+    base, port = door_server
+    idle = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            idle.append(sock)
+        time.sleep(0.5)
+        slowest = 0.0
+        for _ in range(10):
+            began = time.monotonic()
+            assert requests.get(f"{base}/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.monotonic() - began)
+        for sock in idle:  # each got its answer, then the server closed its side
+            answer = read_answer(sock, 5)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}\n")
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"\n40 clients holding closed answers open: /health slowest {slowest:.3f} s")
+    assert slowest < 1.0

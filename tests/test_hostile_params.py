@@ -16,37 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import no_hang
-from PIL import Image
 
-SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
-ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success
+from tests.support.waiting import no_hang
 
-
-def png_bytes(size=(40, 30), colour=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def assert_error(response, status: int, *fragments: str) -> str:
-    body = response.get_json(silent=True)
-    assert response.status_code == status, (response.status_code, body or response.data[:300])
-    assert isinstance(body, dict) and set(body) == ERROR_KEYS, body
-    assert (body["service"], body["status"], body["predictions"]) == ("clip", "error", [])
-    assert set(body["metadata"]) == {"processing_time"}
-    message = body["error"]["message"]
-    assert isinstance(message, str) and message and "Traceback" not in message
-    for fragment in fragments:
-        assert fragment.lower() in message.lower(), message
-    return message
-
-
-def assert_success(response) -> dict:
-    body = response.get_json(silent=True)
-    assert response.status_code == 200, body
-    assert set(body) == SUCCESS_KEYS and body["status"] == "success"
-    return body
+PNG = image_bytes("PNG", (40, 30))
 
 
 @pytest.fixture
@@ -146,7 +121,7 @@ def test_fifo_under_allowed_root_is_400_without_hanging(client, tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     with no_hang():
-        assert_error(client.get("/analyze", query_string={"file": str(fifo)}), 400, "not a regular file")
+        assert_error(client.get("/analyze", query_string={"file": str(fifo)}), 400, "Not a regular file")
 
 
 def test_fifo_with_a_writer_is_still_refused(client, tmp_path):
@@ -154,10 +129,10 @@ def test_fifo_with_a_writer_is_still_refused(client, tmp_path):
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer holding it open, data waiting
     try:
-        os.write(writer, png_bytes())
+        os.write(writer, PNG)
         with no_hang():
             assert_error(client.get("/analyze", query_string={"file": str(fifo)}), 400,
-                         "not a regular file")
+                         "Not a regular file")
     finally:
         os.close(writer)
 
@@ -173,7 +148,7 @@ def test_devices_are_400_without_hanging(device, make_app, settings):
             response = client.get("/analyze", query_string={"file": device})
         message = assert_error(response, 400)
         # /dev/tty without a controlling terminal cannot even be opened (ENXIO): also a clean 400
-        assert "not a regular file" in message.lower() or (
+        assert "Not a regular file" in message or (
             device == "/dev/tty" and "cannot be opened" in message), message
 
 
@@ -188,7 +163,7 @@ def test_directory_is_400(which, client, tmp_path):
     (tmp_path / "photos").mkdir()
     path = {"root itself": str(tmp_path), "sub-folder": str(tmp_path / "photos"),
             "trailing slash": f"{tmp_path}/photos/"}[which]
-    assert_error(client.get("/analyze", query_string={"file": path}), 400, "not a regular file")
+    assert_error(client.get("/analyze", query_string={"file": path}), 400, "Not a regular file")
 
 
 def environment_secrets() -> list[str]:
@@ -260,16 +235,16 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ-b
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"data": {"image": (io.BytesIO(png_bytes()), "x.png")}, "content_type": "multipart/form-data"},
+    ({"data": {"image": (io.BytesIO(PNG), "x.png")}, "content_type": "multipart/form-data"},
      "no field named file"),
     ({"data": {"other": "value"}, "content_type": "multipart/form-data"}, "no field named file"),
     ({"data": {"file": "just text, not a file"}, "content_type": "multipart/form-data"},
      "no field named file"),
-    ({"data": {"file": [(io.BytesIO(png_bytes()), "a.png"), (io.BytesIO(png_bytes()), "b.png")]},
+    ({"data": {"file": [(io.BytesIO(PNG), "a.png"), (io.BytesIO(PNG), "b.png")]},
       "content_type": "multipart/form-data"}, "2 were sent"),
-    ({"data": png_bytes(), "content_type": "image/jpeg"}, "multipart/form-data"),
-    ({"data": png_bytes(), "content_type": "application/octet-stream"}, "multipart/form-data"),
-    ({"data": png_bytes()}, "multipart/form-data"),
+    ({"data": PNG, "content_type": "image/jpeg"}, "multipart/form-data"),
+    ({"data": PNG, "content_type": "application/octet-stream"}, "multipart/form-data"),
+    ({"data": PNG}, "multipart/form-data"),
     ({"json": {"url": "http://a.example/x.jpg"}}, "multipart/form-data"),
     ({"data": {"url": "http://a.example/x.jpg"}}, "multipart/form-data"),  # form-urlencoded
     ({"data": "file=%89PNG", "content_type": "application/x-www-form-urlencoded"}, "multipart/form-data"),
@@ -280,12 +255,12 @@ def test_bad_post_bodies_are_400(kwargs, fragment, client):
 
 
 @pytest.mark.parametrize("content_type, body", [
-    ("multipart/form-data", multipart([("file", "x.png", png_bytes())])),  # no boundary parameter
-    ("multipart/form-data; boundary=", multipart([("file", "x.png", png_bytes())])),
-    ("multipart/form-data; boundary=other", multipart([("file", "x.png", png_bytes())])),
-    ("multipart/form-data; boundary=XyZ-boundary", multipart([("file", "x.png", png_bytes())])[:-30]),
+    ("multipart/form-data", multipart([("file", "x.png", PNG)])),  # no boundary parameter
+    ("multipart/form-data; boundary=", multipart([("file", "x.png", PNG)])),
+    ("multipart/form-data; boundary=other", multipart([("file", "x.png", PNG)])),
+    ("multipart/form-data; boundary=XyZ-boundary", multipart([("file", "x.png", PNG)])[:-30]),
     ("multipart/form-data; boundary=XyZ-boundary", b"--XyZ-boundary\r\ngarbage without headers"),
-    ('multipart/form-data; boundary="unterminated', multipart([("file", "x.png", png_bytes())])),
+    ('multipart/form-data; boundary="unterminated', multipart([("file", "x.png", PNG)])),
 ])
 def test_malformed_multipart_is_400(content_type, body, client):
     with no_hang():
@@ -296,7 +271,7 @@ def test_malformed_multipart_is_400(content_type, body, client):
 def test_over_long_boundary_that_matches_its_body_is_parsed(client):
     """RFC 2046 allows 70 characters; Werkzeug parses a 5000-character boundary that matches its body,
     quickly, and the image inside is classified."""
-    body = multipart([("file", "x.png", png_bytes())], "b" * 5000)
+    body = multipart([("file", "x.png", PNG)], "b" * 5000)
     with no_hang():
         response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary="
                                + "b" * 5000)
@@ -305,20 +280,20 @@ def test_over_long_boundary_that_matches_its_body_is_parsed(client):
 
 def test_well_formed_hand_built_multipart_is_200(client):
     """The control for the malformed cases: the same builder with the right boundary works."""
-    body = multipart([("file", "x.png", png_bytes())])
+    body = multipart([("file", "x.png", PNG)])
     assert_success(client.post("/analyze", data=body,
                                content_type="multipart/form-data; boundary=XyZ-boundary"))
 
 
 def test_two_file_fields_by_hand_are_400(client):
-    body = multipart([("file", "a.png", png_bytes()), ("file", "b.png", png_bytes())])
+    body = multipart([("file", "a.png", PNG), ("file", "b.png", PNG)])
     response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary=XyZ-boundary")
     assert_error(response, 400, "2 were sent")
 
 
 def test_empty_filename_is_judged_by_content(client):
     """A browser with no file chosen sends filename="" and no bytes; a name never decides anything."""
-    assert_success(client.post("/analyze", data={"file": (io.BytesIO(png_bytes()), "")},
+    assert_success(client.post("/analyze", data={"file": (io.BytesIO(PNG), "")},
                                content_type="multipart/form-data"))
     assert_error(client.post("/analyze", data={"file": (io.BytesIO(b""), "")},
                              content_type="multipart/form-data"), 400, "empty")
@@ -329,7 +304,7 @@ def test_empty_filename_is_judged_by_content(client):
     (1_000_000, 413, "exceeds the capacity limit"),  # over Flask's MAX_FORM_MEMORY_SIZE (500 kB)
 ])
 def test_huge_multipart_field_name_is_4xx(name_length, status, fragment, client):
-    body = multipart([("n" * name_length, "x.png", png_bytes())])
+    body = multipart([("n" * name_length, "x.png", PNG)])
     with no_hang():
         response = client.post("/analyze", data=body,
                                content_type="multipart/form-data; boundary=XyZ-boundary")
@@ -337,7 +312,7 @@ def test_huge_multipart_field_name_is_4xx(name_length, status, fragment, client)
 
 
 def test_huge_file_field_filename_is_judged_by_content(client):
-    body = multipart([("file", "f" * 100_000 + ".png", png_bytes())])
+    body = multipart([("file", "f" * 100_000 + ".png", PNG)])
     response = client.post("/analyze", data=body, content_type="multipart/form-data; boundary=XyZ-boundary")
     assert_success(response)  # a 100 kB file name is only a name: the PNG inside is classified
 
@@ -345,7 +320,7 @@ def test_huge_file_field_filename_is_judged_by_content(client):
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
 @pytest.mark.parametrize("path", ["/analyze", "/health", "/labels"])
 def test_other_methods_are_405(method, path, client):
-    response = client.open(path, method=method, data=png_bytes())
+    response = client.open(path, method=method, data=PNG)
     assert_error(response, 405, "method is not allowed")
 
 

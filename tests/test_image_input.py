@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from file_races import flipping_to_a_symlink
-from image_samples import BLUE, GREEN, RED, YELLOW, encode, png_declaring, quadrants
 from PIL import Image, ImageFile
-from system_tools import run_unprivileged, shared_folder
 
 from clip_service.errors import BadInput, Forbidden, NotFound, TooLarge
 from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file, to_rgb
+from tests.support.file_races import flipping_to_a_symlink
+from tests.support.images import BLUE, GREEN, RED, YELLOW, encode, image_bytes, png_declaring, quadrants
+from tests.support.system import run_unprivileged, shared_folder
 
 LIMITS = ImageLimits(max_bytes=20_000_000, max_pixels=50_000_000)
 WHITE = (255, 255, 255)
@@ -673,7 +673,7 @@ def test_a_folder_swapped_for_a_symlink_never_leads_outside(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "album").mkdir(parents=True)
     outside.mkdir()
-    inside_data, outside_data = encode(Image.new("RGB", (4, 4), "red"), "PNG"), b"secret bytes"
+    inside_data, outside_data = image_bytes("PNG", (4, 4), "red"), b"secret bytes"
     (root / "album" / "photo.png").write_bytes(inside_data)
     (outside / "photo.png").write_bytes(outside_data)
     (root / "real-album").mkdir()

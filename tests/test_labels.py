@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
-from system_tools import run_unprivileged, shared_folder
 
 from clip_service.settings import PROJECT_ROOT
 from clip_service.vocabulary.emoji import concept_key
 from clip_service.vocabulary.features import build_vocabulary, cache_key, ensemble_features
 from clip_service.vocabulary.labels import LabelsError, LabelSet, load_labels
+from tests.support.system import run_unprivileged, shared_folder
 
 
 def test_labels_rules(tmp_path):

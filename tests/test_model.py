@@ -1,16 +1,19 @@
+import dataclasses
 import shutil
 
 import open_clip
 import pytest
 import torch
 from PIL import Image
-from tiny_clip import write_tiny_clip
 
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import OPENAI_MODELS, model_identity, parse_model_spec
 from clip_service.engines.torch_engine import resolve_device
 from clip_service.engines.weights import fetch_weights
+from tests.support.images import image_bytes
+from tests.support.models import SIGLIP_PREPROCESS, TINY_SIGLIP_CONFIG, write_tiny_clip
+from tests.support.responses import assert_success, upload
 
 
 @pytest.mark.parametrize("name", list(OPENAI_MODELS))
@@ -108,8 +111,8 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
         resolve_device("cuda")
 
 
-def test_engine_gives_unit_features(tiny_model_dir):
-    engine = load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu")
+def test_engine_gives_unit_features(tiny_engine):
+    engine = tiny_engine
     pixels = torch.stack([engine.preprocess(Image.new("RGB", (90, 50), colour))
                           for colour in ("red", "blue")])
     assert pixels.shape == (2, 3, 64, 64)
@@ -159,11 +162,6 @@ def test_bf16_image_tower_gives_the_same_answers(tiny_model_dir):
 
 def test_siglip_shaped_model_works_end_to_end(make_app, settings, tmp_path):
     """Beyond OpenAI's CLIP: custom text tower, timm image tower, its own preprocessing, sigmoid."""
-    import dataclasses
-
-    from test_routes import assert_success, image_bytes, upload
-    from tiny_clip import SIGLIP_PREPROCESS, TINY_SIGLIP_CONFIG
-
     folder = write_tiny_clip(tmp_path / "siglip", model_cfg=TINY_SIGLIP_CONFIG,
                              preprocess_cfg=SIGLIP_PREPROCESS)
     app = make_app(dataclasses.replace(settings, clip_model=f"local-dir:{folder}"))
@@ -177,6 +175,4 @@ def test_siglip_shaped_model_works_end_to_end(make_app, settings, tmp_path):
     assert torch.allclose(engine.encode_texts(texts), full, atol=1e-5)
     client = app.test_client()
     body = assert_success(upload(client, image_bytes("JPEG", (300, 100))))
-    confidences = [prediction["confidence"] for prediction in body["predictions"]]
-    assert confidences and all(0 <= value <= 1 for value in confidences)
-    assert body["metadata"]["model_info"]["framework"] == "OpenCLIP"
+    assert body["predictions"], "threshold 0: every label is answered"

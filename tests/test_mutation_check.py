@@ -6,7 +6,7 @@ checks, in milliseconds, that every mutant still finds its snippet and names tes
 
 import re
 
-from mutation_check import MUTANTS, ROOT, check_snippets
+from tests.mutation_check import MUTANTS, ROOT, check_snippets
 
 
 def test_every_snippet_occurs_exactly_once():

@@ -5,9 +5,10 @@ import json
 import logging
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_routes import assert_success, image_bytes, upload
 
 from clip_service.http.logs import JsonLinesFormatter
+from tests.support.images import image_bytes
+from tests.support.responses import assert_success, upload
 
 
 def samples(client) -> dict:

@@ -13,7 +13,6 @@ import dataclasses
 import io
 import re
 import socket
-import threading
 from collections import Counter
 from urllib.parse import quote
 
@@ -22,8 +21,6 @@ import jsonschema_rs
 import pytest
 import requests
 import schemathesis
-from fake_engines import DeviceFaultEngine, EngineWrapper, SlowEngine, load_tiny_engine
-from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.pytest._test_builder import build_operation_test
@@ -37,16 +34,12 @@ from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
 from clip_service.http.access import OPEN_PATHS
 from clip_service.http.openapi import openapi_description
+from tests.support.engines import DeviceFaultEngine, GatedEngine, SlowEngine
+from tests.support.images import image_bytes
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # Flask adds these to every rule
-
-
-def png_bytes(size=(64, 48), colour=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def served(client) -> dict:
@@ -194,23 +187,6 @@ def test_schemathesis_finds_nothing(app, refused_beyond_loopback, method, path):
 
 # --- every documented status, answered and checked the same way ---------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
-
-
-class LoadingEngine(EngineWrapper):
-    """Label encoding, and so loading, waits until `done` is set."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.done = threading.Event()
-
-    def encode_texts(self, texts):
-        assert self.done.wait(30)
-        return self._engine.encode_texts(texts)
-
-
 def broken_model_dir(tmp_path):
     folder = tmp_path / "broken-model"
     folder.mkdir()
@@ -221,7 +197,7 @@ def broken_model_dir(tmp_path):
 
 KEY = "s3cret-key"
 LIMIT = 20_000  # MAX_IMAGE_BYTES of the "small" scenario
-PNG = png_bytes()
+PNG = image_bytes("PNG", (64, 48))
 
 
 def form(**fields):
@@ -314,8 +290,8 @@ def scenario_app(name, make_app, settings, tiny_engine, tmp_path):
     if name == "keyed":
         return make_app(replace(settings, api_key=KEY), engine=tiny_engine), None
     if name == "loading":
-        engine = LoadingEngine(tiny_engine)
-        return make_app(settings, engine=engine, wait=False), engine.done.set
+        engine = GatedEngine(tiny_engine)
+        return make_app(settings, engine=engine, wait=False), engine.gate.set
     if name == "failed":
         return make_app(replace(settings, clip_model=f"local-dir:{broken_model_dir(tmp_path)}")), None
     if name == "busy":

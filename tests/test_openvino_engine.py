@@ -1,5 +1,8 @@
 """The OpenVINO engine against torch fp32 on real photos, its on-disk export, and choosing an engine.
 
+Covers engines/openvino_engine.py, engines/openvino_export.py, engines/openvino_import.py (no usage
+reports), engines/text_prefix.py and engines/tokens.py (texts sharing a template's first tokens).
+
 The tiny random model recognises nothing, so "the same answers" means features within a cosine of
 torch fp32's and the same top labels in the same order among the test labels.
 """
@@ -18,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_clip import write_tiny_clip
 
 from clip_service.engines import registry
 from clip_service.engines.base import ModelLoadError
@@ -27,6 +29,9 @@ from clip_service.engines.spec import parse_model_spec
 from clip_service.engines.text_prefix import shared_prefix_length
 from clip_service.engines.tokens import end_of_text_lengths
 from clip_service.tasks.classify import label_probabilities
+from tests.support.images import encode
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.trained_clip import COLOURS, assert_mostly_named, unseen_pictures
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["cat", "dog", "astronaut", "coffee", "rocket", "woman", "man", "car", "tree", "pizza", "beach",
@@ -265,8 +270,6 @@ def test_auto_falls_back_to_torch_when_openvino_fails(spec, tmp_path, monkeypatc
 
 
 def test_the_service_answers_with_openvino(make_app, settings, tmp_path):
-    from image_samples import encode
-
     app = make_app(dataclasses.replace(settings, backend="openvino", precision="auto"))
     engine = app.extensions["clip_service"].classifier.engine
     assert engine.backend == "openvino"
@@ -285,8 +288,6 @@ def trained_cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_the_colour_trained_model_gives_torch_fp32s_top_labels(trained_model_dir, trained_cache, precision):
     """On a model that knows something (tests/trained_clip.py), every engine names the same colours."""
-    from trained_clip import COLOURS, assert_mostly_named, unseen_pictures
-
     from clip_service.tasks.classify import Classifier
     from clip_service.vocabulary.features import build_vocabulary
     from clip_service.vocabulary.labels import LabelSet, load_templates
@@ -312,8 +313,6 @@ def test_the_colour_trained_model_gives_torch_fp32s_top_labels(trained_model_dir
 
 def test_shared_prefix_through_several_layers(tmp_path):
     """A 3-layer text tower: the shared positions' states feed every layer, not just the first."""
-    from tiny_clip import TINY_CONFIG
-
     config = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "layers": 3}}
     spec = parse_model_spec(f"local-dir:{write_tiny_clip(tmp_path / 'deep', seed=3, model_cfg=config)}")
     reference = load_engine(spec, "cpu", "fp32", "torch")

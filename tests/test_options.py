@@ -1,4 +1,5 @@
-"""Per-request options, /labels, label groups and reloading the vocabulary without a restart."""
+"""Per-request options (http/options.py), /labels, label groups and reloading the vocabulary without a
+restart (vocabulary/reload.py)."""
 
 import dataclasses
 import io
@@ -6,11 +7,12 @@ import io
 import pytest
 import torch
 from PIL import Image
-from test_routes import assert_error, assert_success, image_bytes, upload
 
 from clip_service.errors import BadInput
 from clip_service.http.options import MAX_REQUEST_LABELS, parse_options
 from clip_service.vocabulary.features import ensemble_features
+from tests.support.images import image_bytes
+from tests.support.responses import assert_error, assert_success, upload
 
 GROUPS = ("animals", "foods", "people")
 

@@ -1,62 +1,21 @@
-"""The HTTP contract through Flask's test client: every success and error row."""
+"""The HTTP contract of /analyze (http/analyze.py) through Flask's test client: every success and error
+row."""
 
 import dataclasses
 import io
-import threading
 
 import pytest
-from PIL import Image
 
-from clip_service.engines.registry import load_engine
-from clip_service.engines.spec import parse_model_spec
-
-SUCCESS_KEYS = {"service", "status", "predictions", "metadata"}
-ERROR_KEYS = {"service", "status", "predictions", "error", "metadata"}
+from tests.support.engines import DeviceFaultEngine, GatedEngine
+from tests.support.images import image_bytes, png_declaring
+from tests.support.responses import assert_error, assert_success, upload
 
 
-def image_bytes(fmt="PNG", size=(120, 90), colour=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def upload(client, data: bytes, name="photo.png", field="file"):
-    return client.post("/analyze", data={field: (io.BytesIO(data), name)},
-                       content_type="multipart/form-data")
-
-
-def assert_success(response):
-    assert response.status_code == 200, response.get_json()
-    body = response.get_json()
-    assert set(body) == SUCCESS_KEYS
-    assert (body["service"], body["status"]) == ("clip", "success")
-    assert body["metadata"]["model_info"]["framework"] == "OpenCLIP"
-    assert isinstance(body["metadata"]["processing_time"], float)
-    confidences = [p["confidence"] for p in body["predictions"]]
-    assert confidences == sorted(confidences, reverse=True)
-    assert all(round(c, 3) == c for c in confidences)
-    return body
-
-
-def assert_error(response, status, *fragments):
-    assert response.status_code == status, response.get_json()
-    body = response.get_json()
-    assert set(body) == ERROR_KEYS
-    assert (body["service"], body["status"], body["predictions"]) == ("clip", "error", [])
-    assert set(body["metadata"]) == {"processing_time"}
-    message = body["error"]["message"]
-    assert "Traceback" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def test_health_when_loaded(client, settings):
+def test_health_when_loaded(client, tiny_model_dir):
     response = client.get("/health")
     assert response.status_code == 200
-    folder_name = settings.clip_model.rstrip("/").rsplit("/", 1)[-1]  # never the server's whole path
     assert response.get_json() == {"status": "healthy", "model_status": "loaded", "device": "cpu",
-                                   "num_labels": 10, "model": f"local-dir:{folder_name}"}
+                                   "num_labels": 10, "model": f"local-dir:{tiny_model_dir.name}"}
 
 
 def test_upload_success_shape_and_emoji(client):
@@ -142,16 +101,7 @@ def test_not_an_image_is_400(client, data, fragment):
 
 
 def test_decompression_bomb_is_400(client):
-    import struct
-    import zlib
-
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
-            ">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
+    bomb = png_declaring(30000, 30000)
     assert len(bomb) < 5000
     assert_error(upload(client, bomb), 400, "30000x30000")
 
@@ -222,31 +172,6 @@ def test_werkzeug_errors_use_the_error_shape(client):
     assert_error(client.put("/health"), 405)
 
 
-class GatedEngine:
-    """Wraps a real engine; text encoding waits until the test opens the gate."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.gate = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def encode_texts(self, texts):
-        assert self.gate.wait(30)
-        return self._engine.encode_texts(texts)
-
-
-class BrokenEngine(GatedEngine):
-    def encode_images(self, pixels):
-        raise RuntimeError("secret internal detail")
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu")
-
-
 def test_health_says_loading_until_loaded(make_app, settings, tiny_engine):
     engine = GatedEngine(tiny_engine)
     app = make_app(settings, engine=engine, wait=False)
@@ -275,12 +200,12 @@ def test_failed_load_is_unhealthy_not_healthy(make_app, settings, tmp_path):
 
 
 def test_failing_model_is_503_without_details(make_app, settings, tiny_engine):
-    engine = BrokenEngine(tiny_engine)
-    engine.gate.set()
+    engine = DeviceFaultEngine(tiny_engine)
+    engine.failing.set()
     client = make_app(settings, engine=engine).test_client()
     response = upload(client, image_bytes())
     message = assert_error(response, 503, "model failed on this image")
-    assert "secret" not in message and response.headers["Retry-After"]
+    assert "device-side" not in message and response.headers["Retry-After"]
     health = client.get("/health")
     assert health.status_code == 503, "a failing model is not healthy"
     assert "Inference is failing" in health.get_json()["error"]

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from fake_engines import load_tiny_engine
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -103,11 +102,6 @@ def test_canary_needs_finite_features(value, healthy):
 
 
 # --- the host ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    return load_tiny_engine(tiny_model_dir)
 
 
 def make_host(settings, engine=None) -> ModelHost:

@@ -1,71 +1,31 @@
 """Scale-out: two real instances (CLIP.sh) behind a real nginx running services/nginx-clip.conf.
 
-The shipped config is the single source: the test only points its upstream ports, listen address and
-log folder at this machine's loopback and a temporary folder, and wraps it in a minimal nginx.conf.
+The shipped config is the single source: tests/support/nginx.py only points its upstream ports, listen
+address and log folder at this machine's loopback and a temporary folder, inside a minimal nginx.conf.
 """
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
-import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
-from system_tools import find_program, unavailable
-from test_routes import image_bytes
-from test_serving import server_env, start, stop, wait_healthy  # noqa: F401  (server_env: a fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_CONFIG = ROOT / "services" / "nginx-clip.conf"
+from tests.support.http_fixtures import free_port
+from tests.support.images import image_bytes
+from tests.support.nginx import (
+    nginx_command,
+    nginx_config,
+    require_nginx,
+    start_nginx,
+    stop_nginx,
+    wait_listening,
+)
+from tests.support.server import start, stop, wait_healthy
 
-
-NGINX = find_program("nginx", "/usr/sbin/nginx")  # as .ci/run looks for it
-
-
-@pytest.fixture(autouse=True)
-def _nginx_installed():
-    if NGINX is None:
-        unavailable("nginx is not installed (apt-get install nginx; .ci/run installs it)")
-
-
-def nginx_config(folder: Path, listen_port: int, upstream_ports: list[int]) -> Path:
-    """services/nginx-clip.conf aimed at loopback ports, inside a main config that keeps to `folder`."""
-    text = SHIPPED_CONFIG.read_text()
-    ports = iter(upstream_ports)
-    text, servers = re.subn(r"(?m)^(\s*server 127\.0\.0\.1:)\d+", lambda m: f"{m[1]}{next(ports)}", text)
-    assert servers == len(upstream_ports), "the shipped upstream should list one server per test instance"
-    text, listens = re.subn(r"(?m)^(\s*)listen 80;", rf"\g<1>listen 127.0.0.1:{listen_port};", text)
-    assert listens == 1, "the shipped server block should listen on port 80"
-    text = text.replace("/var/log/nginx/", f"{folder}/")
-    # As root, nginx's workers would run as `nobody`, which cannot enter pytest's private tmp folder.
-    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
-    temp_paths = "\n".join(f"    {kind}_temp_path {folder}/{kind}_temp;"
-                           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    main = folder / "nginx.conf"
-    main.write_text(f"""{user}
-daemon off;
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-{temp_paths}
-    access_log {folder}/access.log;
-{text}
-}}
-""")
-    return main
-
-
-def nginx_command(main: Path, *extra: str) -> list[str]:
-    return [NGINX, "-p", f"{main.parent}/", "-c", str(main), "-e", str(main.parent / "error.log"), *extra]
+pytestmark = pytest.mark.system
 
 
 def analyze_counts(port: int) -> dict[tuple[str, str], float]:
@@ -80,18 +40,6 @@ def analyze_counts(port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
-def wait_listening(base: str, nginx: subprocess.Popen) -> requests.Response:
-    """nginx's first answer to /health, once it listens."""
-    deadline = time.monotonic() + 15
-    while True:
-        assert nginx.poll() is None, "nginx exited at start"
-        try:
-            return requests.get(f"{base}/health", timeout=5)
-        except requests.ConnectionError:
-            assert time.monotonic() < deadline, "nginx did not start listening"
-            time.sleep(0.1)
-
-
 def uploads_served(port: int) -> float:
     return analyze_counts(port).get(("upload", "200"), 0.0)
 
@@ -103,7 +51,8 @@ def test_shipped_config_passes_nginx_t(tmp_path):
     assert "syntax is ok" in result.stderr and "test is successful" in result.stderr
 
 
-def test_two_instances_behind_nginx_share_load_and_survive_one_stopping(server_env, tmp_path):  # noqa: F811
+def test_two_instances_behind_nginx_share_load_and_survive_one_stopping(server_env, tmp_path):
+    require_nginx()
     instances = []
     for name in ("gpu0", "gpu1"):
         metrics_dir = tmp_path / f"{name}-metrics"
@@ -123,8 +72,7 @@ def test_two_instances_behind_nginx_share_load_and_survive_one_stopping(server_e
     try:
         for port, process in instances:
             wait_healthy(port, process)
-        nginx = subprocess.Popen(nginx_command(main), stdout=subprocess.DEVNULL,
-                                 stderr=(tmp_path / "nginx.out").open("wb"), start_new_session=True)
+        nginx = start_nginx(main)
         health = wait_listening(base, nginx)
         assert health.status_code == 200 and health.json()["model_status"] == "loaded"
 
@@ -167,13 +115,8 @@ def test_two_instances_behind_nginx_share_load_and_survive_one_stopping(server_e
         assert down.status_code == 503 and down.headers.get("Retry-After") == "5"
         assert down.json()["status"] == "error" and down.json()["predictions"] == []
     finally:
-        if nginx is not None and nginx.poll() is None:
-            nginx.send_signal(signal.SIGQUIT)
-            try:
-                nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(nginx.pid, signal.SIGKILL)
-                nginx.wait(timeout=10)
+        if nginx is not None:
+            stop_nginx(nginx)
         for _, process in instances:
             stop(process)
     log = (tmp_path / "clip-service.access.log").read_text()

@@ -4,10 +4,11 @@ import io
 import pytest
 import torch
 from PIL import Image
-from test_routes import assert_success, image_bytes, upload
-from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.tasks.classify import Prediction, label_probabilities, top_predictions
+from tests.support.images import image_bytes
+from tests.support.models import TINY_CONFIG, write_tiny_clip
+from tests.support.responses import assert_success, upload
 
 
 def test_zero_shot_rule_is_scaled_cosine_softmax():
@@ -66,8 +67,9 @@ def test_sigmoid_model_end_to_end(make_app, settings, tmp_path):
     app = make_app(dataclasses.replace(settings, clip_model=f"local-dir:{folder}"))
     classifier = app.extensions["clip_service"].classifier
     assert classifier.engine.logit_bias == pytest.approx(-2.0)
-    predictions = assert_success(upload(app.test_client(), image_bytes()))["predictions"]
-    image = classifier.image_features(Image.open(io.BytesIO(image_bytes())).convert("RGB"))
+    data = image_bytes()
+    predictions = assert_success(upload(app.test_client(), data))["predictions"]
+    image = classifier.image_features(Image.open(io.BytesIO(data)).convert("RGB"))
     expected = torch.sigmoid(classifier.engine.logit_scale * classifier.features @ image - 2.0)
     by_label = dict(zip(classifier.label_set.labels, expected.tolist(), strict=True))
     for prediction in predictions:

@@ -1,6 +1,6 @@
 """The right label wins through CLIP.sh (gunicorn), on a model trained to name colours.
 
-tests/trained_clip.py trains a tiny CLIP that names the colour of unseen pictures 99 % of the time,
+tests/support/trained_clip.py trains a tiny CLIP that names the colour of unseen pictures 99 % of the time,
 so every path of the real server can be held to the RIGHT answer: each input kind, draft-decoded
 JPEGs, micro-batches of mixed colours, `groups=` and `labels=`, label reloads (SIGHUP and the file
 watcher), the label-feature cache on a second start, and bf16. Three server starts in all: the
@@ -20,13 +20,15 @@ from threading import Barrier
 
 import pytest
 import requests
-from conftest import free_port
-from image_samples import encode
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving import start, stop, wait_healthy
-from trained_clip import COLOURS, assert_mostly_named, unseen_pictures, write_labels
 
 from clip_service.inputs.images import ImageLimits, decode_image
+from tests.support.http_fixtures import free_port
+from tests.support.images import encode
+from tests.support.server import clip_sh_env, start, stop, wait_healthy
+from tests.support.trained_clip import COLOURS, assert_mostly_named, unseen_pictures, write_labels
+
+pytestmark = pytest.mark.system
 
 FIRST_COLOURS = [colour for colour in COLOURS if colour != "purple"]  # purple arrives by a reload
 # animals.txt sorts first, so the colours' rows do not start at 0: a misaligned group shows.
@@ -46,18 +48,14 @@ class ColourServer:
     baseline: list[list[dict]]  # predictions for `pictures` right after start-up
 
 
-def server_env(model_dir: Path, root: Path, labels_dir: Path, emoji_file: Path, **extra) -> dict:
-    return {
-        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": f"local-dir:{model_dir}",
-        "CLIP_LABELS_DIR": str(labels_dir), "CLIP_CACHE_DIR": str(root / "cache"),
-        "EMOJI_DICTIONARY": str(emoji_file), "CLIP_CONFIDENCE_THRESHOLD": "0",
-        "API_HOST": "127.0.0.1", "API_PORT": "9", "API_TIMEOUT": "0.5", "URL_ALLOWLIST": "127.0.0.1",
-        "ALLOWED_FILE_ROOTS": str(root), "WORKERS": "1", "THREADS": "16", "CLIP_PRECISION": "fp32",
-        # torch: the bf16 test holds it to sharing fp32's label cache (its text tower stays fp32);
-        # OpenVINO on the trained model: test_openvino_engine.py
-        "CLIP_BACKEND": "torch",
-        "HEALTH_CANARY_SECONDS": "0", **extra,
-    }
+def colour_env(model_dir: Path, root: Path, labels_dir: Path, emoji_file: Path, **extra) -> dict:
+    """CLIP.sh on the trained model in fp32, sixteen threads, url= to 127.0.0.1, file= under root."""
+    return clip_sh_env(f"local-dir:{model_dir}", labels_dir, emoji_file, root / "cache", api_port=9,
+                       api_timeout=0.5, URL_ALLOWLIST="127.0.0.1", ALLOWED_FILE_ROOTS=root, WORKERS=1,
+                       THREADS=16, CLIP_PRECISION="fp32", HEALTH_CANARY_SECONDS=0,
+                       # torch: the bf16 test holds it to sharing fp32's label cache (its text tower
+                       # stays fp32); OpenVINO on the trained model: test_openvino_engine.py
+                       CLIP_BACKEND="torch", **extra)
 
 
 def upload(base: str, data: bytes, **params) -> requests.Response:
@@ -95,12 +93,11 @@ def colour_server(trained_model_dir, tmp_path_factory, emoji_file):
     """CLIP.sh on the trained model with colour labels (purple left out), batches allowed to form."""
     root = tmp_path_factory.mktemp("colour-server")
     labels_dir = write_labels(root / "labels", LABEL_FILES)
-    env = server_env(trained_model_dir, root, labels_dir, emoji_file,
-                     BATCH_MAX_SIZE="8", BATCH_WAIT_MS="200")
+    env = colour_env(trained_model_dir, root, labels_dir, emoji_file, BATCH_MAX_SIZE=8, BATCH_WAIT_MS=200)
     process = start(env, root / "server.log")
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
-        wait_healthy(int(env["PORT"]), process)
+        wait_healthy(int(env["PORT"]), process, log_path=root / "server.log")
         pictures = png_pictures(FIRST_COLOURS, 2, first_seed=10_000)
         baseline = [predictions(upload(base, data)) for _, data in pictures]
         yield ColourServer(base, process, root, labels_dir, root / "server.log", env, pictures, baseline)
@@ -217,7 +214,11 @@ def start_on_the_same_cache(server: ColourServer, name: str, **extra) -> tuple[d
     env = {**server.env, "PORT": str(free_port()), "CLIP_LABELS_DIR": str(labels_dir), **extra}
     log = server.root / f"{name}.log"
     process = start(env, log)
-    wait_healthy(int(env["PORT"]), process)
+    try:
+        wait_healthy(int(env["PORT"]), process, log_path=log)
+    except BaseException:
+        stop(process)
+        raise
     return env, process, labels_dir, log
 
 

@@ -1,13 +1,12 @@
 """The right label wins, without a server: the scoring rule, the tagger and bench/accuracy.py.
 
-On the model of tests/trained_clip.py, which names the colour of unseen pictures 99 % of the time.
+On the model of tests/support/trained_clip.py, which names the colour of unseen pictures 99 % of the time.
 The server's paths are held to the same answers in test_semantic_serving.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -16,8 +15,16 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from test_accuracy_tool import accuracy
-from trained_clip import (
+
+from bench import accuracy
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.inputs.images import ImageLimits, decode_image
+from clip_service.tasks.classify import Classifier
+from clip_service.vocabulary.features import build_vocabulary
+from clip_service.vocabulary.labels import LabelSet, load_templates
+from tests.support.server import clean_environment
+from tests.support.trained_clip import (
     COLOURS,
     UNTRAINED_COLOURS,
     assert_mostly_named,
@@ -25,14 +32,6 @@ from trained_clip import (
     write_labels,
     write_pictures,
 )
-
-from clip_service.engines.registry import load_engine
-from clip_service.engines.spec import parse_model_spec
-from clip_service.inputs.images import ImageLimits, decode_image
-from clip_service.settings import ENV_VARIABLES
-from clip_service.tasks.classify import Classifier
-from clip_service.vocabulary.features import build_vocabulary
-from clip_service.vocabulary.labels import LabelSet, load_templates
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = load_templates(ROOT / "prompts" / "ensemble.txt")
@@ -93,10 +92,10 @@ def test_the_tagger_names_each_picture_by_its_colour(trained_model_dir, tmp_path
     written = write_pictures(folder, COLOURS, 3, first_seed=72_000)
     write_pictures(folder / "jpeg", COLOURS, 1, size=400, first_seed=73_000, fmt="JPEG")
     labels = write_labels(tmp_path / "labels", {"colours": COLOURS})
-    env = {key: value for key, value in os.environ.items() if key not in ENV_VARIABLES}
-    env.update({"CLIP_MODEL": f"local-dir:{trained_model_dir}", "CLIP_LABELS_DIR": str(labels),
-                "CLIP_CACHE_DIR": str(tmp_path / "cache"), "CLIP_ENV_FILE": "/nonexistent/.env",
-                "API_PORT": "9", "API_TIMEOUT": "0.2", "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
+    env = clean_environment({
+        "CLIP_MODEL": f"local-dir:{trained_model_dir}", "CLIP_LABELS_DIR": str(labels),
+        "CLIP_CACHE_DIR": str(tmp_path / "cache"), "API_PORT": "9", "API_TIMEOUT": "0.2",
+        "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
     done = subprocess.run([sys.executable, "-m", "clip_service", "tag", str(folder), "-o", "tags.jsonl",
                            "--batch-size", "8"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)

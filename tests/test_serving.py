@@ -1,95 +1,18 @@
 """The real server: CLIP.sh starts gunicorn, and requests talk to it over loopback."""
 
-import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
-from test_routes import image_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.images import image_bytes
+from tests.support.server import ROOT, start, stop, wait_healthy, worker_pids
 
-
-def start(env_overrides: dict, log_path: Path) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CLIP_", "API_"))}
-    env.update({"CLIP_ENV_FILE": "/nonexistent/.env", **env_overrides})
-    log = log_path.open("wb")
-    # From another working directory: CLIP.sh must find its own folder.
-    return subprocess.Popen([str(ROOT / "CLIP.sh")], cwd="/", env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited during start-up"
-        try:
-            response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
-            if response.status_code == 200:
-                return response.json()
-            assert response.json()["model_status"] == "loading"
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("the server did not become healthy")
-
-
-def stop(process: subprocess.Popen) -> int:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-
-
-class ClipServer:
-    """CLIP.sh started with `env` and healthy on 127.0.0.1; stop() returns its exit status."""
-
-    def __init__(self, env: dict, log: Path):
-        self.port = int(env["PORT"])
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.process = start(env, log)
-        try:
-            wait_healthy(self.port, self.process)
-        except BaseException:
-            stop(self.process)
-            raise
-
-    def upload(self, data: bytes | None = None, timeout: float = 30) -> requests.Response:
-        # A fresh connection per request, as independent clients open them.
-        return requests.post(f"{self.base}/analyze", files={"file": ("x.png", data or image_bytes())},
-                             timeout=timeout, headers={"Connection": "close"})
-
-    def in_flight(self) -> float:
-        """clip_requests_in_flight from /metrics: the requests admitted and not yet answered."""
-        text = requests.get(f"{self.base}/metrics", timeout=10).text
-        return float(re.search(r"(?m)^clip_requests_in_flight (\S+)$", text)[1])
-
-    def stop(self) -> int:
-        return stop(self.process)
-
-
-@pytest.fixture
-def server_env(settings, tmp_path, local_server):
-    return {
-        "PORT": str(free_port()), "PRIVATE": "True", "CLIP_MODEL": settings.clip_model,
-        "CLIP_BACKEND": settings.backend,
-        "CLIP_LABELS_DIR": str(settings.labels_dir), "CLIP_CACHE_DIR": str(tmp_path / "cache"),
-        "EMOJI_DICTIONARY": str(settings.emoji_dictionary), "CLIP_CONFIDENCE_THRESHOLD": "0",
-        "API_HOST": "127.0.0.1", "API_PORT": str(local_server.port), "API_TIMEOUT": "1",
-        "URL_ALLOWLIST": "127.0.0.1", "ALLOWED_FILE_ROOTS": str(tmp_path), "WORKERS": "1",
-        "THREADS": "4",
-    }
+pytestmark = pytest.mark.system
 
 
 def test_clip_sh_serves_all_three_inputs_and_drains_on_sigterm(server_env, tmp_path, local_server):
@@ -151,15 +74,6 @@ def test_no_labels_stops_start_up(server_env, tmp_path):
     assert "No labels loaded" in (tmp_path / "nolabels.log").read_text()
 
 
-def worker_pids(master: int) -> set[int]:
-    """The gunicorn master's child processes: its workers."""
-    children = set()
-    for task in Path(f"/proc/{master}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            children.update(int(pid) for pid in (task / "children").read_text().split())
-    return children
-
-
 def labels_versions_by_worker(base: str) -> dict[int, set[str]]:
     """Each live worker's current label-set version(s), from its own clip_model_info{pid=...} samples."""
     versions: dict[int, set[str]] = {}
@@ -187,7 +101,6 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     (labels / "animals.txt").write_text("cat\ndog\n")
     env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels),
            "CLIP_BACKEND": "auto"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = start(env, tmp_path / "two.log")
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
@@ -238,11 +151,7 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
 
 
 def test_python_rest_py_serves_too(server_env, tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CLIP_", "API_"))}
-    env.update({"CLIP_ENV_FILE": "/nonexistent/.env", **server_env})
-    log = (tmp_path / "rest.log").open("wb")
-    process = subprocess.Popen([sys.executable, str(ROOT / "REST.py")], cwd="/",
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start(server_env, tmp_path / "rest.log", command=[sys.executable, str(ROOT / "REST.py")])
     try:
         wait_healthy(int(server_env["PORT"]), process)
         response = requests.post(f"http://127.0.0.1:{server_env['PORT']}/analyze?url=http://user:pw@x.test/",

@@ -1,7 +1,6 @@
 """The fast paths give the same answers as the plain ones (issue: speed). Nothing here is timed."""
 
 import functools
-import io
 import threading
 import time
 
@@ -9,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_clip import TINY_CONFIG, write_tiny_clip
 
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
 from clip_service.inputs.images import ImageLimits, decode_image
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.tasks.classify import label_probabilities
+from tests.support.images import encode
+from tests.support.models import TINY_CONFIG, write_tiny_clip
 
 LIMITS = ImageLimits(64 * 1024 * 1024, 100_000_000)
 
@@ -86,9 +86,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "grace_hopper", "motorcycl
 
 @functools.cache
 def photo_jpeg(name: str, size: tuple[int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(photo(name)).resize(size, Image.BICUBIC).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return encode(Image.fromarray(photo(name)).resize(size, Image.BICUBIC), "JPEG", quality=90)
 
 
 # Photo size -> the size decoded for each model input: the smallest DCT scale (1, 1/2, 1/4, 1/8) that
@@ -123,10 +121,9 @@ def test_draft_keeps_exif_orientation(deep_text_engine):
     image.paste((20, 20, 200), (0, 0, 800, 800))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", exif=exif)
-    full = decode_image(buffer.getvalue(), LIMITS)
-    draft = decode_image(buffer.getvalue(), LIMITS, deep_text_engine.input_size)
+    data = encode(image, "JPEG", exif=exif)
+    full = decode_image(data, LIMITS)
+    draft = decode_image(data, LIMITS, deep_text_engine.input_size)
     assert full.size == (800, 1600) and draft.size[0] < draft.size[1]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.guard import require_system_test
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted((ROOT / "services").glob("*.service"))
 INSTALL_DIR = "/opt/clip-service"
@@ -42,6 +44,7 @@ def _systemd_analyze() -> str:
 
 @pytest.fixture(scope="module")
 def analyze() -> str:
+    require_system_test("systemd-analyze")
     return _systemd_analyze()
 
 
@@ -102,6 +105,7 @@ def test_both_shipped_units_are_checked():
     assert {"CLIP-api.service", "CLIP-api@.service"} <= {unit.name for unit in UNITS}
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
 def test_unit_is_sandboxed(analyze, unit):
     exposure, result = _exposure(analyze, unit)
@@ -110,6 +114,7 @@ def test_unit_is_sandboxed(analyze, unit):
     assert result.returncode == 0, f"--threshold refused {unit.name}:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.system
 def test_threshold_refuses_an_unsandboxed_unit(analyze, tmp_path):
     """The same unit without its sandbox section rates far above the limit, and --threshold says so:
     the check above can fail."""
@@ -122,11 +127,13 @@ def test_threshold_refuses_an_unsandboxed_unit(analyze, tmp_path):
     assert result.returncode != 0
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
 def test_unit_verifies(analyze, unit, tmp_path):
     assert _verify(analyze, _installed_copy(unit, tmp_path)) == []
 
 
+@pytest.mark.system
 def test_verify_reports_a_bad_directive(analyze, tmp_path):
     """systemd-analyze verify exits 0 for a misspelt key; _verify still reports it."""
     copy = _installed_copy(ROOT / "services" / "CLIP-api.service", tmp_path)

@@ -12,18 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EMOJI, LABELS
-from image_samples import cat_photo, encode, quadrants
 
 from clip_service import cli
-from clip_service.engines.registry import load_engine
-from clip_service.engines.spec import parse_model_spec
 from clip_service.library import tagger
 from clip_service.library.errors import LibraryError as TaggerError
 from clip_service.library.resume import scan_existing
 from clip_service.library.tagger import TagOptions, build_classifier
 from clip_service.library.walk import find_candidates
-from clip_service.settings import ENV_VARIABLES
+from tests.support.images import cat_photo, encode, quadrants
+from tests.support.server import clean_environment
+from tests.support.vocabulary import EMOJI, LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_LABELS = {label for labels in LABELS.values() for label in labels}
@@ -59,14 +57,9 @@ class CountingClassifier:
         return self.classifier.classify_many(images, threshold, limit)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return load_engine(parse_model_spec(f"local-dir:{tiny_model_dir}"), "cpu")
-
-
 @pytest.fixture
-def real_classifier(settings, engine):
-    return build_classifier(settings, engine, tagger.cli_emoji(settings))
+def real_classifier(settings, tiny_engine):
+    return build_classifier(settings, tiny_engine, tagger.cli_emoji(settings))
 
 
 @pytest.fixture
@@ -320,14 +313,6 @@ def test_emoji_api_is_asked_once_only_when_requested(settings, local_server, cap
 # --- the command line --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    for name in ENV_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLIP_ENV_FILE", "/nonexistent/.env")
-    return monkeypatch
-
-
 @pytest.mark.parametrize("arguments", [
     ["tag"],
     ["tag", "x", "--threshold", "1.5"],
@@ -394,11 +379,10 @@ def test_cli_writes_to_stdout(clean_env, real_classifier, photos, capfd):
 
 
 def test_real_cli_in_a_subprocess(tiny_model_dir, labels_dir, emoji_file, photos, tmp_path):
-    env = {key: value for key, value in os.environ.items() if key not in ENV_VARIABLES}
-    env.update({"CLIP_MODEL": f"local-dir:{tiny_model_dir}", "CLIP_LABELS_DIR": str(labels_dir),
-                "CLIP_CACHE_DIR": str(tmp_path / "cache"), "EMOJI_DICTIONARY": str(emoji_file),
-                "CLIP_ENV_FILE": "/nonexistent/.env", "API_PORT": "9", "API_TIMEOUT": "0.2",
-                "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
+    env = clean_environment({
+        "CLIP_MODEL": f"local-dir:{tiny_model_dir}", "CLIP_LABELS_DIR": str(labels_dir),
+        "CLIP_CACHE_DIR": str(tmp_path / "cache"), "EMOJI_DICTIONARY": str(emoji_file), "API_PORT": "9",
+        "API_TIMEOUT": "0.2", "CLIP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)})
     command = [sys.executable, "-m", "clip_service", "tag", str(photos), "--threshold", "0"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
 

@@ -14,11 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from image_samples import cat_png
 
 from clip_service.errors import BadInput, DeadlineExceeded, Forbidden, TooLarge, UpstreamFailed
 from clip_service.inputs import url_fetch
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, AddressGuard, UrlFetcher, refusal_reason
+from tests.support.images import cat_png
 
 CAT_PNG = cat_png()
 LIMIT = 400_000

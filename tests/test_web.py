@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import threading
 from pathlib import Path
 
 import pytest
-from system_tools import find_program, unavailable
-from trained_clip import COLOURS, draw_picture, write_labels
-from werkzeug.serving import make_server
 
 from clip_service.http.page import SECURITY_HEADERS
+from tests.support.guard import require_system_test
+from tests.support.http_fixtures import serve_app, stop_http
+from tests.support.system import find_program, unavailable
+from tests.support.trained_clip import COLOURS, draw_picture, write_labels
 
 CHROMIUM = find_program("chromium")  # on the PATH, as .ci/run checks it
 
@@ -53,23 +53,17 @@ def test_page_is_served_only_at_the_root(client):
     assert response.get_json()["status"] == "error"
 
 
-def serve(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server
-
-
 @pytest.fixture
 def live_url(app):
-    server = serve(app)
+    server = serve_app(app)
     yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
+    stop_http(server)
 
 
 @pytest.fixture
 def page(live_url):
+    """chromium (through Playwright) on the live page; the test fails on any script error."""
+    require_system_test("chromium")
     if CHROMIUM is None:
         unavailable("no browser: chromium is not on the PATH (apt-get install chromium)")
     try:
@@ -107,6 +101,7 @@ def shown_time(seconds: float) -> str:
     return f"{int(seconds * 1000 + 0.5)} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+@pytest.mark.system
 def test_upload_shows_predictions_in_browser(page, photo):
     with page.expect_response("**/analyze") as answer:
         page.set_input_files("#file", str(photo))
@@ -133,12 +128,14 @@ def test_upload_shows_predictions_in_browser(page, photo):
         page.screenshot(path=shot, full_page=True)
 
 
+@pytest.mark.system
 def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, settings, trained_model_dir,
                                                                tmp_path):
-    """On the model trained to name colours (tests/trained_clip.py) the page names what it is shown."""
+    """On the model trained to name colours (tests/support/trained_clip.py) the page names what it
+    is shown."""
     labels = write_labels(tmp_path / "labels", {"colours": COLOURS})
-    server = serve(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
-                                                labels_dir=labels)))
+    server = serve_app(make_app(dataclasses.replace(settings, clip_model=f"local-dir:{trained_model_dir}",
+                                                    labels_dir=labels)))
     try:
         for colour, shape, seed in (("red", "circle", 80_000), ("blue", "square", 80_001)):
             path = tmp_path / f"{colour}.png"
@@ -149,10 +146,10 @@ def test_a_coloured_picture_is_named_by_its_colour_in_browser(page, make_app, se
             assert page.locator("#predictions li.row .label").first.inner_text().strip() == colour
             assert page.locator("#status").inner_text().startswith(f"Most likely: {colour} (")
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_http(server)
 
 
+@pytest.mark.system
 def test_url_error_is_shown_in_plain_words(page):
     page.fill("#url", "http://127.0.0.1:9/x.jpg")
     page.click("#url-button")
@@ -163,6 +160,7 @@ def test_url_error_is_shown_in_plain_words(page):
     assert page.locator("#predictions li").count() == 0
 
 
+@pytest.mark.system
 def test_network_failure_is_shown_in_plain_words(page, live_url):
     page.route("**/analyze**", lambda route: route.abort("connectionrefused"))
     page.fill("#url", "https://example.com/cat.jpg")
@@ -172,8 +170,9 @@ def test_network_failure_is_shown_in_plain_words(page, live_url):
     assert "Could not reach the service" in status.inner_text()
 
 
+@pytest.mark.system
 def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
-    server = serve(make_app(dataclasses.replace(settings, api_key="s3cret")))
+    server = serve_app(make_app(dataclasses.replace(settings, api_key="s3cret")))
     try:
         page.goto(f"http://127.0.0.1:{server.server_port}/")
         page.set_input_files("#file", str(photo))
@@ -184,5 +183,4 @@ def test_api_key_is_asked_for_and_sent(page, make_app, settings, photo):
         page.set_input_files("#file", str(photo))
         page.locator("#predictions li.row").nth(9).wait_for(timeout=30_000)
     finally:
-        server.shutdown()
-        server.server_close()
+        stop_http(server)

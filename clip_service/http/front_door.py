@@ -105,12 +105,20 @@ def error_answer(status: int, message: str, seconds: float, retry_after: int | N
 class DoorConnection(gthread.TConn):
     """A connection with the bytes the door has read of its current request."""
 
-    def __init__(self, cfg, sock, client, server):
+    def __init__(self, cfg, sock, client, server, linger):
         super().__init__(cfg, sock, client, server)
+        self.linger = linger
         self.arrived = self.deadline = 0.0
         self.inbox = bytearray()
         self.head: Head | None = None
         self.heavy = False
+
+    def close(self, graceful: bool = False) -> None:
+        """gunicorn closes gracefully from its event loop: hand that to the loop's lingering."""
+        if graceful:
+            self.linger(self.sock)
+        else:
+            super().close()
 
     def begin(self, pending: bytes, timeout: float) -> None:
         self.arrived = time.monotonic()
@@ -175,7 +183,8 @@ class FrontDoorWorker(gthread.ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        self._start_reading(DoorConnection(self.cfg, sock, client, listener.getsockname()), b"")
+        self._start_reading(DoorConnection(self.cfg, sock, client, listener.getsockname(), self._linger),
+                            b"")
 
     def enqueue_req(self, conn):
         """gthread's hand-over of a kept-alive connection with pipelined bytes: through the door."""
@@ -296,14 +305,19 @@ class FrontDoorWorker(gthread.ThreadWorker):
         self._send_quietly(conn.sock, error_answer(status, message, time.monotonic() - conn.arrived,
                                                    retry_after))
         self.nr_conns -= 1
+        self._linger(conn.sock)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """Close after the answer, the event loop draining what the client still sends (so that it
+        reads the answer instead of a reset) for at most LINGER_SECONDS: never blocking the loop, as
+        gunicorn's own graceful close would while a client keeps its socket open."""
         try:
-            # Drain what the client is still sending before closing, so that it reads the answer
-            # instead of a reset.
-            conn.sock.shutdown(socket.SHUT_WR)
-            self.lingering[conn.sock] = time.monotonic() + LINGER_SECONDS
-            self.poller.register(conn.sock, selectors.EVENT_READ, self._drain)
-        except OSError:
-            conn.sock.close()
+            sock.setblocking(False)
+            sock.shutdown(socket.SHUT_WR)
+            self.lingering[sock] = time.monotonic() + LINGER_SECONDS
+            self.poller.register(sock, selectors.EVENT_READ, self._drain)
+        except (OSError, ValueError, KeyError):
+            sock.close()
 
     def _drain(self, sock: socket.socket) -> None:
         try:

@@ -1,7 +1,9 @@
-"""A tiny, seeded, randomly initialised CLIP in open_clip's `local-dir:` layout.
+"""A tiny, seeded, randomly initialised CLIP in open_clip's `local-dir:` layout, and the engine on it.
 
 Tests and the default benchmark run the real loading code on it; only the weights are small. It
-recognises nothing: use it for plumbing, never for accuracy.
+recognises nothing: use it for plumbing, never for accuracy (trained_clip.py knows colours).
+
+    .venv/bin/python -m tests.support.models OUT_DIR     # write the tiny model into OUT_DIR
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from pathlib import Path
 import open_clip
 import torch
 from safetensors.torch import save_file
+
+from clip_service.engines.base import Engine
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -59,6 +65,11 @@ def write_tiny_clip(folder: Path, seed: int = 0, model_cfg: dict | None = None,
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+def load_tiny_engine(model_dir: Path) -> Engine:
+    """The real torch engine on a model folder written by write_tiny_clip, on the CPU."""
+    return load_engine(parse_model_spec(f"local-dir:{model_dir}"), "cpu")
 
 
 if __name__ == "__main__":

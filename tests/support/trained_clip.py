@@ -1,6 +1,6 @@
 """A tiny open_clip CLIP trained, with fixed seeds, to name the colour of a shape on a noisy background.
 
-The random test model (tiny_clip.py) proves plumbing, but any label can win on it. This one knows
+The random test model (models.py) proves plumbing, but any label can win on it. This one knows
 something: after 300 steps of contrastive training on synthetic pictures ("a photo of a red circle",
 "itap of a red.") it names the colour of pictures it has never seen 99 % of the time among 8 colours,
 so tests can assert that the RIGHT label wins on every path of the service. It is saved in
@@ -10,7 +10,7 @@ the shapes (they stay at chance); tests assert colours only.
 Training takes about 20 s of one CPU core. It is cached by a hash of this file and the versions of
 the libraries that train, so a test session trains at most once and later sessions reuse it:
 
-    .venv/bin/python tests/trained_clip.py OUT_DIR     # train into OUT_DIR and print its accuracy
+    .venv/bin/python -m tests.support.trained_clip OUT_DIR     # train into OUT_DIR, print its accuracy
 """
 
 from __future__ import annotations
@@ -176,8 +176,8 @@ def write_labels(folder: Path, groups: dict[str, Iterable[str]]) -> Path:
 def assert_mostly_named(expected_and_named: Iterable[tuple[str, str]], at_least: float = 0.9) -> int:
     """Fail unless `at_least` of the (expected, named) pairs match; returns how many matched.
 
-    The model names 99 % of unseen pictures' colours right (`python tests/trained_clip.py` measures
-    it), so 0.9 leaves an honest margin, and a bug that scrambles labels (right about 1 in 8) fails.
+    The model names 99 % of unseen pictures' colours right (`python -m tests.support.trained_clip`
+    measures it), so 0.9 leaves an honest margin, and a bug that scrambles labels (right about 1 in 8) fails.
     """
     pairs = list(expected_and_named)
     assert pairs, "nothing was named"

@@ -1,7 +1,8 @@
 """Engines that misbehave on purpose: wrappers around the tiny real engine for fault tests.
 
-Each wrapper delegates everything to the real engine (so preparing images and encoding the labels
-work as usual) and changes only `encode_images`, the call the micro-batcher makes for every batch.
+Each wrapper delegates everything to the real engine, so preparing images and encoding work as usual,
+and changes one call: `encode_images`, the call the micro-batcher makes for every batch, or, for
+GatedEngine, `encode_texts`, which loading waits on.
 """
 
 from __future__ import annotations
@@ -12,12 +13,6 @@ import time
 import torch
 
 from clip_service.engines.base import Engine, EngineOutOfMemory
-from clip_service.engines.registry import load_engine
-from clip_service.engines.spec import parse_model_spec
-
-
-def load_tiny_engine(model_dir) -> Engine:
-    return load_engine(parse_model_spec(f"local-dir:{model_dir}"), "cpu")
 
 
 class EngineWrapper:
@@ -106,3 +101,15 @@ class HangingEngine(EngineWrapper):
         if self.hanging.is_set():
             self.release.wait(30)
         return self._engine.encode_images(pixels)
+
+
+class GatedEngine(EngineWrapper):
+    """Label encoding, and so loading, waits until `gate` is set (at most 30 s)."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self.gate = threading.Event()
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self._engine.encode_texts(texts)

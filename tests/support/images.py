@@ -1,4 +1,5 @@
-"""Image bytes for the input tests: encoded in memory, realistic photos, and hand-built PNG headers."""
+"""Image bytes for every test: flat-colour images and given pictures encoded in memory, a real photo,
+and hand-built PNG headers. `image_bytes` is the one builder of a plain test image."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ RED, GREEN, BLUE, YELLOW = (220, 30, 30), (30, 200, 40), (30, 40, 210), (230, 22
 
 
 def encode(image: Image.Image | np.ndarray, fmt: str, **options) -> bytes:
-    """An image (or a uint8 array) encoded in `fmt` by Pillow."""
+    """An image (or an array) encoded in `fmt` by Pillow."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (120, 90),
+                colour: tuple[int, int, int] | str = (200, 30, 30), **options) -> bytes:
+    """A flat-colour RGB image of `size` (width, height), encoded in `fmt`."""
+    return encode(Image.new("RGB", size, colour), fmt, **options)
 
 
 def quadrants(width: int = 32, height: int = 24) -> Image.Image:

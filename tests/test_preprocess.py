@@ -1,0 +1,59 @@
+"""engines/preprocess.py: the input geometry read from open_clip's config, and the one-step resize for
+very long or tall images, which must give the pixels the plain resize-then-crop would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_service.engines.preprocess import InputGeometry, resize_extreme_aspect, uint8_pixels
+
+SHORTEST = InputGeometry((64, 64), "shortest", Image.Resampling.BICUBIC)
+
+
+def plain_resize_and_crop(image: Image.Image, side: int) -> Image.Image:
+    """torchvision's Resize(side) then CenterCrop(side), as open_clip's eval transform does them."""
+    width, height = image.size
+    size = (side, int(side * height / width)) if width < height else (int(side * width / height), side)
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+    return resized.crop((left, top, left + side, top + side))
+
+
+def test_geometry_from_open_clip_configs():
+    assert InputGeometry.from_open_clip({"size": 224}) == InputGeometry(
+        (224, 224), "shortest", Image.Resampling.BICUBIC)
+    assert InputGeometry.from_open_clip({"size": [256, 192], "interpolation": "bilinear",
+                                         "resize_mode": "squash"}) == InputGeometry(
+        (256, 192), "squash", Image.Resampling.BILINEAR)
+    assert InputGeometry.from_open_clip({"interpolation": "random"}).resample == Image.Resampling.BICUBIC
+
+
+@pytest.mark.parametrize("size", [(20, 600), (900, 30), (1, 5000)])
+def test_a_very_long_image_is_resized_in_one_step_to_the_same_pixels(size):
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, max(size))[:, None] if size[1] > size[0] else np.linspace(0, 255, max(size))
+    pixels = np.broadcast_to(ramp, (size[1], size[0])).astype(np.float64)
+    pixels = np.clip(pixels[..., None] + rng.normal(0, 8, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    quick = resize_extreme_aspect(image, SHORTEST)
+    assert quick is not None and quick.size == (64, 64)
+    difference = np.abs(np.asarray(quick, np.int16) - np.asarray(plain_resize_and_crop(image, 64), np.int16))
+    assert difference.mean() < 2.0, f"mean difference {difference.mean():.2f} grey levels"
+
+
+@pytest.mark.parametrize("size, geometry", [
+    ((400, 300), SHORTEST),  # an ordinary photo: the plain transform is cheap
+    ((40, 160), SHORTEST),  # 4:1 exactly is still ordinary
+    ((20, 600), InputGeometry((64, 64), "squash", Image.Resampling.BICUBIC)),
+    ((20, 600), InputGeometry((64, 48), "shortest", Image.Resampling.BICUBIC)),
+])
+def test_other_images_and_geometries_are_left_to_the_plain_transform(size, geometry):
+    assert resize_extreme_aspect(Image.new("RGB", size), geometry) is None
+
+
+def test_uint8_pixels_are_height_width_channels_and_writable():
+    pixels = uint8_pixels(Image.new("RGB", (5, 3), (1, 2, 3)))
+    assert pixels.shape == (3, 5, 3) and pixels.dtype == np.uint8 and pixels.flags.writeable
+    assert pixels[0, 0].tolist() == [1, 2, 3]
