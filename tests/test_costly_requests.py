@@ -58,8 +58,11 @@ def four_at_once(base: str, labels: list[str]) -> list[tuple[int, float, str]]:
 
 
 def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, tmp_path):
-    """100 new 64-character CJK labels, four requests at once, REQUEST_TIMEOUT=3."""
-    env = {**server_env, "CLIP_MODEL": f"local-dir:{text_heavy_model_dir}", "REQUEST_TIMEOUT": "3"}
+    """100 new 64-character CJK labels, four requests at once, REQUEST_TIMEOUT=2.
+
+    Encoding all of them takes several seconds even on an idle machine, so one request is cut.
+    """
+    env = {**server_env, "CLIP_MODEL": f"local-dir:{text_heavy_model_dir}", "REQUEST_TIMEOUT": "2"}
     env.pop("THREADS")
     process, base = serve(env, tmp_path / "default.log")
     try:
@@ -86,7 +89,7 @@ def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, 
     statuses = sorted(status for status, _, _ in bounded)
     assert statuses == [503, 503, 503, 504], "one encodes until its deadline, the others wait for nothing"
     assert max(seconds for status, seconds, _ in bounded if status == 503) < 1.0
-    assert max(seconds for _, seconds, _ in bounded) < 3 + 1, "no answer later than REQUEST_TIMEOUT + 1 s"
+    assert max(seconds for _, seconds, _ in bounded) < 2 + 1, "no answer later than REQUEST_TIMEOUT + 1 s"
     assert health.status_code == 200
 
 

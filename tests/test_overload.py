@@ -270,8 +270,13 @@ def test_request_timeout_gives_504_and_frees_the_worker(deadline_server):
     for seconds, response in results:
         assert_error(response, 504, "REQUEST_TIMEOUT")
         assert REQUEST_TIMEOUT <= seconds < DEADLINE_SECONDS, f"the 504 came after {seconds:.2f} s"
-    assert_error(meanwhile, 504, "REQUEST_TIMEOUT")
-    assert REQUEST_TIMEOUT <= meanwhile_seconds < DEADLINE_SECONDS
+    if meanwhile.status_code == 200:
+        # The batcher drops images whose deadline passed before their forward pass began: when the
+        # burst's images were dropped, no batch was running, and the request is served at once.
+        assert meanwhile_seconds < REQUEST_TIMEOUT, f"a 200 after {meanwhile_seconds:.2f} s"
+    else:  # it waited behind the burst's forward pass and was cut at its own deadline
+        assert_error(meanwhile, 504, "REQUEST_TIMEOUT")
+        assert REQUEST_TIMEOUT <= meanwhile_seconds < DEADLINE_SECONDS
     assert server.in_flight() == 0, "timed-out requests still hold their places"
 
     deadline = time.monotonic() + 15
