@@ -520,7 +520,7 @@ def format_engines(results: dict) -> str:
     """The bare tower of every engine, and the service on each (640x480 uploads)."""
     lines = []
     if results.get("tower"):
-        from tower import TowerFigures
+        from bench.tower import TowerFigures
 
         lines += ["bare image tower (encode_images on prepared photos, no HTTP):",
                   format_tower_table([TowerFigures(**row) for row in results["tower"]]), ""]
