@@ -20,7 +20,7 @@ else:
 
 from clip_service.http.front_door import door_limits  # noqa: E402
 from clip_service.http.limits import body_limits  # noqa: E402
-from clip_service.startup import preflight_or_exit  # noqa: E402
+from clip_service.startup import preflight_or_exit, worker_count  # noqa: E402
 
 _settings = preflight_or_exit()
 
@@ -28,8 +28,9 @@ bind = f"{_settings.bind_host}:{_settings.port}"
 # gthread behind a front door: requests are read in full by the event loop, under REQUEST_TIMEOUT from
 # arrival, before they take a thread; past MAX_QUEUE they get 503 at once; /health has its own threads.
 worker_class = "clip_service.http.front_door.FrontDoorWorker"
-# One worker holds one model; more workers on one GPU or a small CPU only multiply memory.
-workers = _settings.workers or 1
+# One worker holds one model. On a CPU one worker (its inference threads use every core); on a GPU,
+# several per GPU, because one worker's Python work (HTTP, decoding) cannot keep a GPU busy.
+workers = worker_count(_settings)
 # Threads overlap network and decoding with inference inside a worker.
 threads = _settings.serving_threads
 door_limits(_settings.max_queue, _settings.request_timeout, body_limits(_settings), threads)

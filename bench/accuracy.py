@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import logging
 import os
@@ -350,21 +349,19 @@ class Inputs:
     top_confusions: int
 
 
-def load_model(model: str, device: str, precision: str | None = None) -> tuple[Engine, float]:
+def load_model(model: str, device: str, precision: str | None = None, backend: str = "auto",
+               cache_dir: Path | None = None) -> tuple[Engine, float]:
     """The service's engine for a CLIP_MODEL value, and the seconds it took.
 
     Raises ModelLoadError (no weights, e.g. offline) or ValueError (a name the service refuses, its
-    message a sentence starting "CLIP_MODEL=<model> "). `precision` (CLIP_PRECISION) is
-    passed only when given: without it the engine picks the service's default.
+    message a sentence starting "CLIP_MODEL=<model> "). `precision` (CLIP_PRECISION, default the
+    service's own) and `backend` (CLIP_BACKEND) choose the engine as the service would; OpenVINO
+    keeps its converted model under `cache_dir`.
     """
     began = time.perf_counter()
-    options = {"precision_setting": precision} if precision else {}
-    engine = load_engine(parse_model_spec(model), device, **options)
+    engine = load_engine(parse_model_spec(model), device, precision or "auto", backend,
+                         cache_dir or DEFAULTS.cache_dir)
     return engine, time.perf_counter() - began
-
-
-def engine_takes_precision() -> bool:
-    return "precision_setting" in inspect.signature(load_engine).parameters
 
 
 def unavailable_reason(model: str, error: Exception) -> str:
@@ -384,7 +381,7 @@ def measure_model(engine: Engine, inputs: Inputs, load_seconds: float = 0.0) -> 
     encoded = encode_folder(engine, inputs.files, inputs.targets, inputs.batch_size)
     result = {
         "model": model, "status": "ok", "framework": engine.weights_source, "device": engine.device_name,
-        "image_dtype": str(engine.dtype).removeprefix("torch."),
+        "backend": engine.backend, "image_dtype": engine.precision,
         "input_size": list(engine.input_size), "published_imagenet_top1": published_top1(model),
         "images_scored": int(encoded.features.shape[0]), "skipped": encoded.skipped,
         "images_per_s": encoded.images_per_s, "encode_seconds": encoded.encode_seconds,
@@ -408,7 +405,7 @@ def percent(value: float | None) -> str:
 def format_report_a(report: dict) -> str:
     result = report["result"]
     lines = [f"Accuracy of {result['model']} ({result['framework']}, {result['device']}, "
-             f"{result['image_dtype']}) "
+             f"{result['backend']} {result['image_dtype']}) "
              f"on {report['folder']}",
              f"{result['images_scored']} images in {len(report['classes'])} classes; candidates: "
              + (f"the {report['candidates']} folder labels" if report["labels"] == "folders"
@@ -524,8 +521,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"the single prompt compared with the ensemble (default: \"{SEED_PROMPT}\")")
     parser.add_argument("--device", default=DEFAULTS.device,
                         help="auto (default), cpu, cuda, cuda:N or mps, as CLIP_DEVICE")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16", "int8"),
                         help="as CLIP_PRECISION (default: the service's default for the device)")
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                        help="as CLIP_BACKEND (default auto: OpenVINO on a CPU where installed)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--top", type=int, default=10, help="confusion pairs shown (default 10)")
     parser.add_argument("--per-class", type=int, default=0, metavar="N",
@@ -539,8 +538,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{args.folder} is not a folder")
     if args.baseline_prompt.count("{}") != 1:
         parser.error("--baseline-prompt needs exactly one {} where the label goes")
-    if args.precision and not engine_takes_precision():
-        parser.error("--precision: this version of the service has no CLIP_PRECISION setting")
     if args.batch_size < 1 or args.top < 0 or args.per_class < 0:
         parser.error("--batch-size must be 1 or more; --top and --per-class 0 or more")
     return args
@@ -617,14 +614,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.compare:
         report = base_report(args, inputs, "compare")
-        report["models"] = [compare_one(model, args.device, inputs, args.precision) for model in args.compare]
+        report["models"] = [compare_one(model, args.device, inputs, args.precision, args.backend)
+                            for model in args.compare]
         write_json(args.json, report)
         print(format_report_b(report))
         return 0 if any(row["status"] == "ok" and row["images_scored"] for row in report["models"]) else 1
     report = base_report(args, inputs, "prompts")
     model = args.model or DEFAULTS.clip_model
     try:
-        engine, load_seconds = load_model(model, args.device, args.precision)
+        engine, load_seconds = load_model(model, args.device, args.precision, args.backend, args.cache_dir)
     except (ModelLoadError, ValueError) as error:
         print(f"accuracy: {unavailable_reason(model, error)}", file=sys.stderr)
         return 1
@@ -634,11 +632,12 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["result"]["images_scored"] else 1
 
 
-def compare_one(model: str, device: str, inputs: Inputs, precision: str | None = None) -> dict:
+def compare_one(model: str, device: str, inputs: Inputs, precision: str | None = None,
+                backend: str = "auto") -> dict:
     """One row of report B; a model that cannot be loaded or measured is a row too, never a crash."""
     published = published_top1(model)
     try:
-        engine, load_seconds = load_model(model, device, precision)
+        engine, load_seconds = load_model(model, device, precision, backend, inputs.cache_dir)
     except Exception as error:  # no weights offline, an unknown name, no such device: the next model
         reason = unavailable_reason(model, error)
         log.warning("%s is unavailable: %s", model, short_reason(reason, 300))

@@ -4,9 +4,11 @@
     .venv/bin/python -m bench.speed [--arch ViT-B-32 | --model CLIP_MODEL] [--quick] [--out FILE]
 
 It reports requests/s and p50/p99 latency per input, image size and concurrency (with the ratio
-service/reference), cold and warm start-up, and the service's resident memory under steady load.
-See bench/README.md. Run it from the repository root: the servers are started, waited for and stopped
-by the tests' own helpers (tests/support/server.py), in the same clean environment.
+service/reference), first, cold and warm start-up, and the service's resident memory under steady
+load; and, as the ceiling, the bare image tower of every engine and precision the machine runs,
+measured in the same run, with the service on each of them as a fraction of it. See bench/README.md.
+Run it from the repository root: the servers are started, waited for and stopped by the tests' own
+helpers (tests/support/server.py), in the same clean environment.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from bench.load import Send, check_answer, file_request, run_closed_loop, upload_request
+from bench.tower import format_table as format_tower_table
+from bench.tower import measure as measure_towers
+from bench.tower import supported_engines
 from tests.support import server as processes
 from tests.support.http_fixtures import free_port
 
@@ -35,7 +40,9 @@ SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4032x3024": (4032, 3
 QUICK_SIZES = ("640x480", "1920x1080")
 PHOTOS = ("astronaut", "chelsea", "coffee")
 INPUTS = ("upload", "file")
-NOTE_WORDS = ("WARNING", "ERROR", "CRITICAL", "Traceback", "Loading", "Encoding", "Loaded", "Ready")
+NOTE_WORDS = ("WARNING", "ERROR", "CRITICAL", "Traceback", "Loading", "Encoding", "Loaded", "Ready",
+              "Convert")
+ENGINE_CONCURRENCIES = (1, 16)  # per engine: 640x480 uploads, beside the matrix
 JPEG_QUALITY = 90
 
 
@@ -73,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the JSON goes (default bench/results.json)")
     parser.add_argument("--concurrency", help="comma-separated client counts, e.g. 1,16,64 "
                         "(default 1,4,16; --quick 1,16)")
+    parser.add_argument("--engines", help="comma-separated CLIP_BACKEND:CLIP_PRECISION pairs for the bare "
+                        "tower and the per-engine cells, e.g. torch:fp32,openvino:int8 (default: every "
+                        "engine and precision this machine runs; 'none' skips them)")
     parser.add_argument("--sizes", dest="size_list", help="comma-separated image sizes from "
                         f"{', '.join(SIZES)} (default all; --quick 640x480,1920x1080)")
     args = parser.parse_args(argv)
@@ -89,6 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [size for size in args.sizes if size not in SIZES]
         if unknown:
             parser.error(f"--sizes: {unknown[0]} is not one of {', '.join(SIZES)}")
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"  # where the service's default runs
+    if args.engines == "none":
+        args.engine_list = []
+    elif args.engines:
+        args.engine_list = [tuple(pair.split(":", 1)) for pair in args.engines.split(",")]
+    else:
+        args.engine_list = supported_engines(args.device)
     args.memory_at = _memory_checkpoints(args.memory_requests or ("100,400" if args.quick else "500,2000"))
     args.extra_env = dict(_key_value(item, parser) for item in args.service_env)
     args.logs = args.logs.resolve() if args.logs else None  # the servers run in the project folder
@@ -465,9 +484,17 @@ def format_table(cells: list[dict]) -> str:
 
 def format_summary(results: dict) -> str:
     startup = results["startup"]
-    lines = [f"model: {results['model']}",
-             f"start-up to /health 200: service cold {startup['service_cold']['seconds']} s, "
-             f"warm {startup['service_warm']['seconds']} s; reference {startup['reference']['seconds']} s"]
+    lines = [f"model: {results['model']}; the service ran {results.get('service_engine')}",
+             f"start-up to /health 200: service first start (converts, encodes labels) "
+             f"{startup['service_first']['seconds']} s, cold (encodes labels) "
+             f"{startup['service_cold']['seconds']} s, warm {startup['service_warm']['seconds']} s; "
+             f"reference {startup['reference']['seconds']} s"]
+    tower = tower_row(results, results.get("service_engine"))
+    for cell in results["cells"]:
+        if tower and (cell["input"], cell["size"], cell["concurrency"]) == ("upload", "640x480", 16):
+            lines.append(f"upload 640x480 at c=16: {cell['service']['requests_per_s']} req/s = "
+                         f"{ratio(cell['service']['requests_per_s'], tower['images_per_s'])} x the bare "
+                         f"{results['service_engine']} tower ({tower['images_per_s']} images/s at batch 8)")
     memory = results.get("memory")
     if memory:
         counts = [key for key in memory if key.startswith("rss_at_")]
@@ -489,6 +516,30 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_engines(results: dict) -> str:
+    """The bare tower of every engine, and the service on each (640x480 uploads)."""
+    lines = []
+    if results.get("tower"):
+        from bench.tower import TowerFigures
+
+        lines += ["bare image tower (encode_images on prepared photos, no HTTP):",
+                  format_tower_table([TowerFigures(**row) for row in results["tower"]]), ""]
+    if results.get("engines"):
+        header = (f"{'engine':<10}{'precision':<10}{'c=1 req/s':>10}{'c=1 p50':>9}{'c=16 req/s':>11}"
+                  f"{'c=16 p50':>9}{'x tower':>9}")
+        lines += ["the service on each engine, 640x480 uploads:", header, "-" * len(header)]
+        for row in results["engines"]:
+            if "c16" not in row:
+                failure = row.get("error", "")[:200]
+                lines.append(f"{row['backend']:<10}{row['precision']:<10} failed: {failure}")
+                continue
+            lines.append(f"{row['backend']:<10}{row['precision']:<10}{row['c1']['requests_per_s']:>10.1f}"
+                         f"{_number(row['c1']['p50_ms']):>9}{row['c16']['requests_per_s']:>11.1f}"
+                         f"{_number(row['c16']['p50_ms']):>9}{_number(row.get('fraction_of_tower'), 2):>9}")
+        lines.append("x tower: requests/s at c=16 over the bare tower's images/s at batch 8, same run")
+    return "\n".join(lines)
+
+
 def metadata(args, model_note: str, images: dict[str, list[Path]]) -> dict:
     import torch
 
@@ -503,6 +554,7 @@ def metadata(args, model_note: str, images: dict[str, list[Path]]) -> dict:
         "settings": {"seconds_per_cell": args.seconds, "concurrencies": list(args.concurrencies),
                      "sizes": list(args.sizes), "inputs": list(INPUTS), "quick": args.quick,
                      "memory_requests": list(args.memory_at or ()), "max_other_cpu": args.max_other_cpu,
+                     "engines": [f"{backend}:{precision}" for backend, precision in args.engine_list],
                      "service_env": args.extra_env},
         "images": {size: [{"name": p.name, "bytes": p.stat().st_size} for p in paths]
                    for size, paths in images.items()},
@@ -515,18 +567,29 @@ def metadata(args, model_note: str, images: dict[str, list[Path]]) -> dict:
 def benchmark(args, work: Path, running: list[Server], results: dict) -> None:
     """Fill `results` phase by phase (an interrupted run still writes what it measured)."""
     work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / "cache", ignore_errors=True)  # a cold start needs an empty cache (--logs reuse)
+    shutil.rmtree(work / "cache", ignore_errors=True)  # a first start needs an empty cache (--logs reuse)
     clip_model, model_note = prepare_model(args, work / "model")
     log(f"model: {model_note}")
     images = make_images(work / "images", args.sizes)
     results.update(metadata(args, model_note, images))
+    if args.engine_list:
+        log("bare image tower: " + ", ".join(f"{b} {p}" for b, p in args.engine_list))
+        results["tower"] = [vars(row) for row in measure_towers(
+            clip_model, work / "tower-cache", args.engine_list, seconds=min(args.seconds, 4.0), log=log,
+            device=args.device, before_timing=lambda: quiet_moment(args))]
     startup = results.setdefault("startup", {})
+    first = service_server(args, clip_model, work, "service-first")
+    startup["service_first"] = start(first, running, args.start_timeout)
+    first.stop()
+    for path in (work / "cache").glob("label-features-*"):  # the converted model stays
+        path.unlink()
     cold = service_server(args, clip_model, work, "service-cold")
     startup["service_cold"] = start(cold, running, args.start_timeout)
     cold.stop()
     service = service_server(args, clip_model, work, "service")
     startup["service_warm"] = start(service, running, args.start_timeout)
-    results["service_log"] = log_notes(cold) + log_notes(service)
+    results["service_log"] = log_notes(first) + log_notes(cold) + log_notes(service)
+    results["service_engine"] = ready_engine(service)
     if args.memory_at:
         log(f"memory: {args.memory_at[1]} uploads at concurrency 4")
         results["memory"] = measure_memory(service, images["640x480"], args.memory_at)
@@ -535,7 +598,64 @@ def benchmark(args, work: Path, running: list[Server], results: dict) -> None:
     run_matrix(args, service, reference, images, results.setdefault("cells", []))
     results["rss_after_matrix_mib"] = {server.name: round(sum(server.rss_bytes().values()) / 2**20, 1)
                                        for server in (service, reference)}
-    results["service_log"] = log_notes(cold) + log_notes(service)
+    service.stop()
+    reference.stop()
+    if "640x480" in images:
+        run_engines(args, clip_model, work, images["640x480"], running, results)
+
+
+def quiet_moment(args) -> None:
+    """With --max-other-cpu, wait (at most 2 minutes) for other processes to calm down first."""
+    if args.max_other_cpu is not None:
+        busy = wait_for_quiet([], args.max_other_cpu)
+        if busy > args.max_other_cpu:
+            log(f"  the machine stayed busy ({busy} % CPU used by others); measuring anyway")
+
+
+def tower_row(results: dict, engine: str | None) -> dict | None:
+    """The bare tower's figures for "backend precision", if measured."""
+    return next((row for row in results.get("tower", [])
+                 if f"{row['backend']} {row['precision']}" == engine), None)
+
+
+def ready_engine(server: Server) -> str | None:
+    """"openvino bf16" from the service's Ready line: which engine CLIP_BACKEND=auto picked."""
+    text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
+    for line in text.splitlines():
+        if "Ready: " in line and " with " in line:
+            return line.split(" with ", 1)[1].split(",", 1)[0].replace(" in ", " ")
+    return None
+
+
+def run_engines(args, clip_model: str, work: Path, paths: list[Path], running: list[Server],
+                results: dict) -> None:
+    """The service on each engine and precision: 640x480 uploads at concurrency 1 and 16.
+
+    One prompt template (CLIP_PROMPT_TEMPLATE) so each start encodes 2,049 texts, not 8 times as many:
+    start-up is measured above, and requests do not depend on the number of templates.
+    """
+    rows = results.setdefault("engines", [])
+    for backend, precision in args.engine_list:
+        args_for_engine = argparse.Namespace(**{**vars(args), "extra_env": {
+            **args.extra_env, "CLIP_BACKEND": backend, "CLIP_PRECISION": precision,
+            "CLIP_PROMPT_TEMPLATE": "a photo of a {}."}})
+        server = service_server(args_for_engine, clip_model, work, f"service-{backend}-{precision}")
+        row = {"backend": backend, "precision": precision}
+        try:
+            row["startup"] = start(server, running, args.start_timeout)
+            row["engine"] = ready_engine(server)
+            for concurrency in ENGINE_CONCURRENCIES:
+                row[f"c{concurrency}"] = measure_quietly(args, server, "upload", paths, concurrency, [server])
+        except RuntimeError as error:  # e.g. a precision this CPU cannot run: a row saying so
+            row["error"] = str(error)[-500:]
+        finally:
+            server.stop()
+        tower = tower_row(results, f"{backend} {precision}")
+        if tower and "c16" in row:
+            row["fraction_of_tower"] = ratio(row["c16"]["requests_per_s"], tower["images_per_s"])
+        log(f"engine {backend} {precision}: " + (f"{row['c16']['requests_per_s']} req/s at c=16"
+                                                 if "c16" in row else row.get("error", "")))
+        rows.append(row)
 
 
 def log_notes(server: Server, limit: int = 40) -> list[str]:
@@ -574,6 +694,10 @@ def main(argv: list[str] | None = None) -> None:
                 write_json(args.out, results)
     print(format_table(results["cells"]))
     print()
+    engines = format_engines(results)
+    if engines:
+        print(engines)
+        print()
     print(format_summary(results))
     print(f"\nJSON: {args.out}")
 

@@ -7,6 +7,7 @@ read settings stay light.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -25,7 +26,8 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+BACKENDS = ("auto", "torch", "openvino")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -44,7 +46,8 @@ class Settings:
     api_port: int = 8080
     api_timeout: float = 2.0
     device: str = "auto"
-    precision: str = "auto"  # fp16 on CUDA, bf16 image tower on CPUs with AMX, else fp32
+    precision: str = "auto"  # fp16 on CUDA; on a CPU bf16 where it has bf16 instructions, else fp32
+    backend: str = "auto"  # what runs the model: OpenVINO on a CPU when installed, else torch
     labels_dir: Path = PROJECT_ROOT / "labels"
     prompt_template: str = ""  # one template instead of prompts_file, e.g. the seed's
     cache_dir: Path = Path.home() / ".cache" / "clip-service"
@@ -81,8 +84,12 @@ class Settings:
 
     @property
     def serving_threads(self) -> int:
-        """Threads per worker that run requests: THREADS, or 8 (never more than MAX_QUEUE)."""
-        return self.threads or min(8, self.max_queue)
+        """Threads per worker that run requests: THREADS, or 16 (never more than MAX_QUEUE).
+
+        16 is twice the CPU's batch of 8: one full batch waits for the model while the next is read
+        and decoded (with 8 threads, under load, forward passes averaged 4 images; bench/RESULTS.md).
+        """
+        return self.threads or min(16, self.max_queue)
 
     @property
     def answered_hosts(self) -> tuple[str, ...]:
@@ -135,6 +142,18 @@ def _precision(raw: str) -> str:
     if word not in PRECISIONS:
         raise SettingsError(f"CLIP_PRECISION={raw} is not a precision; allowed: {', '.join(PRECISIONS)}")
     return word
+
+
+def _backend(raw: str) -> str:
+    word = raw.strip().lower()
+    if word not in BACKENDS:
+        raise SettingsError(f"CLIP_BACKEND={raw} is not an engine; allowed: {', '.join(BACKENDS)}")
+    return word
+
+
+def openvino_installed() -> bool:
+    """Whether the openvino package can be imported, without importing it (settings stay light)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _template(raw: str) -> str:
@@ -243,6 +262,7 @@ _PARSERS = {
     "API_TIMEOUT": ("api_timeout", lambda raw: _number("API_TIMEOUT", raw, 0.0, 300.0, True)),
     "CLIP_DEVICE": ("device", _device),
     "CLIP_PRECISION": ("precision", _precision),
+    "CLIP_BACKEND": ("backend", _backend),
     "CLIP_LABELS_DIR": ("labels_dir", _path),
     "CLIP_PROMPT_TEMPLATE": ("prompt_template", _template),
     "CLIP_CACHE_DIR": ("cache_dir", _path),
@@ -299,7 +319,30 @@ def _check_combinations(settings: Settings) -> Settings:
             f"THREADS={settings.threads} exceeds MAX_QUEUE={settings.max_queue}: at most MAX_QUEUE "
             "requests are in progress in a worker, so the extra threads would never run; lower THREADS "
             "or raise MAX_QUEUE")
+    _check_engine(settings)
     return settings
+
+
+def _check_engine(settings: Settings) -> None:
+    """CLIP_BACKEND, CLIP_DEVICE and CLIP_PRECISION that no engine can honour together."""
+    backend, device, precision = settings.backend, settings.device, settings.precision
+    if backend == "openvino" and device not in ("auto", "cpu"):
+        raise SettingsError(f"CLIP_BACKEND=openvino runs on the CPU, not CLIP_DEVICE={device}; set "
+                            "CLIP_DEVICE=cpu (or auto), or CLIP_BACKEND=torch for the GPU")
+    if backend == "openvino" and not openvino_installed():
+        raise SettingsError("CLIP_BACKEND=openvino but the openvino package is not installed; install it "
+                            "(.venv/bin/pip install -r requirements.txt) or set CLIP_BACKEND=auto or torch")
+    if backend == "openvino" and precision == "fp16":
+        raise SettingsError("CLIP_PRECISION=fp16 needs CUDA and CLIP_BACKEND=openvino runs on the CPU; "
+                            "use auto, fp32, bf16 or int8")
+    if precision == "int8":
+        if backend == "torch" or device not in ("auto", "cpu"):
+            raise SettingsError(f"CLIP_PRECISION=int8 needs the OpenVINO engine on the CPU (it is "
+                                f"CLIP_BACKEND={backend}, CLIP_DEVICE={device}); set CLIP_BACKEND=openvino "
+                                "or auto, and CLIP_DEVICE=cpu or auto")
+        if not openvino_installed():
+            raise SettingsError("CLIP_PRECISION=int8 needs the openvino package, which is not installed; "
+                                "install it (.venv/bin/pip install -r requirements.txt) or use auto or fp32")
 
 
 def load_settings(env_file: str | os.PathLike | None = None,

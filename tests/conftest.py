@@ -131,9 +131,11 @@ def emoji_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def settings(tiny_model_dir, labels_dir, emoji_file, tmp_path) -> Settings:
-    """Settings for the tiny model; the emoji API points at a closed loopback port."""
+    """Settings for the tiny model on the torch engine (OpenVINO has its own tests, which convert the
+    model; every app here would convert it again); the emoji API points at a closed loopback port."""
     return Settings(
-        clip_model=f"local-dir:{tiny_model_dir}", labels_dir=labels_dir, emoji_dictionary=emoji_file,
+        clip_model=f"local-dir:{tiny_model_dir}", backend="torch", labels_dir=labels_dir,
+        emoji_dictionary=emoji_file,
         cache_dir=tmp_path / "cache", api_host="127.0.0.1", api_port=9, api_timeout=0.2,
         emoji_retry_seconds=0.2, confidence_threshold=0.0, private=False,
         allowed_file_roots=(tmp_path.resolve(),),

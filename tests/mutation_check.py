@@ -121,9 +121,9 @@ MUTANTS = (
     Mutant(
         "text-features-unnormalised",
         "text features are not unit length",
-        "clip_service/engines/torch_engine.py",
-        "encoded = torch.nn.functional.normalize(encoded.float(), dim=-1).cpu()",
-        "encoded = encoded.float().cpu()",
+        "clip_service/engines/tokens.py",  # every engine's text batches end here
+        "encoded = torch.nn.functional.normalize(encode(batch).float(), dim=-1).cpu()",
+        "encoded = encode(batch).float().cpu()",
         ("tests/test_model.py::test_engine_gives_unit_features",),
     ),
     Mutant(

@@ -208,7 +208,8 @@ def test_report_a_counts_what_the_service_answers(image_folder, tiny_model_dir, 
     """
     out = tmp_path / "a.json"
     assert accuracy.main([str(image_folder), "--model", f"local-dir:{tiny_model_dir}", "--json", str(out),
-                          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--batch-size", "4"]) == 0
+                          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--batch-size", "4",
+                          "--backend", "torch"]) == 0  # tiny_engine's
     result = json.loads(out.read_text())["result"]
     engine = tiny_engine
     no_emoji = type("NoEmoji", (), {"emoji_for": lambda self, label: None})()
@@ -308,3 +309,17 @@ def test_cli_compare_with_an_offline_hub_model(image_folder, tiny_model_dir, tmp
     assert rows[1]["published_imagenet_top1"] == 63.3
     assert "ViT-B/32" in done.stdout and "unavailable: CLIP_MODEL=ViT-B/32" in done.stdout
     assert "63.3" in done.stdout
+
+
+@pytest.mark.parametrize("backend, precision", [("openvino", "int8"), ("torch", "fp32")])
+def test_report_a_takes_the_engine_and_precision(image_folder, tiny_model_dir, tmp_path, capsys, backend,
+                                                  precision):
+    """So top-1 can be compared between engines and precisions the day real weights are present."""
+    out = tmp_path / "a.json"
+    assert accuracy.main([str(image_folder), "--model", f"local-dir:{tiny_model_dir}", "--json", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--backend", backend,
+                          "--precision", precision]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert (result["backend"], result["image_dtype"]) == (backend, precision)
+    assert result["images_scored"] == 3 * PER_CLASS
+    assert f"{backend} {precision}" in capsys.readouterr().out

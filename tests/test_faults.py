@@ -546,7 +546,7 @@ def fault_server(tiny_model_dir, tiny_engine, labels_dir, emoji_file, emoji_api,
     labels = folder / "labels"
     shutil.copytree(labels_dir, labels)
     (labels / "things.txt").write_text(f"{LONG_LABEL}\n")
-    settings = Settings(clip_model=f"local-dir:{tiny_model_dir}", labels_dir=labels,
+    settings = Settings(clip_model=f"local-dir:{tiny_model_dir}", backend="torch", labels_dir=labels,
                         cache_dir=folder / "cache")
     reference = Classifier(tiny_engine, load_vocabulary(settings, tiny_engine), EmojiMapper({}, None, 0))
     (cache,) = settings.cache_dir.glob("label-features-*.safetensors")

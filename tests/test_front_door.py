@@ -255,7 +255,7 @@ def test_threads_beyond_max_queue_stop_start_up():
     with pytest.raises(SettingsError, match="THREADS=16 exceeds MAX_QUEUE=8"):
         settings_from_mapping({"THREADS": "16", "MAX_QUEUE": "8"})
     assert settings_from_mapping({"MAX_QUEUE": "4"}).serving_threads == 4
-    assert settings_from_mapping({}).serving_threads == 8
+    assert settings_from_mapping({}).serving_threads == 16, "two CPU batches: one in the model, one arriving"
 
 
 @pytest.mark.system

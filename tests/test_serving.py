@@ -94,10 +94,13 @@ def healthy_workers(base: str) -> int:
 
 
 def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_path, settings):
+    """Also the CPU's default engine under several workers: CLIP_BACKEND=auto picks OpenVINO, the two
+    workers start together, one converts the model while the other waits for it, and both serve."""
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "animals.txt").write_text("cat\ndog\n")
-    env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels)}
+    env = {**server_env, "WORKERS": "2", "THREADS": "2", "CLIP_LABELS_DIR": str(labels),
+           "CLIP_BACKEND": "auto"}
     process = start(env, tmp_path / "two.log")
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
@@ -143,6 +146,8 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     assert log.count("Encoding 1 labels") >= 1
     assert log.count("Encoding 1 labels") + log.count("Loaded 3 label features") == 2
     assert "Encoding 3 labels" not in log
+    assert log.count("with openvino") == 2, "both workers run the CPU's default engine"
+    assert log.count("Converting CLIP_MODEL=") == 1, "the model is converted once, not per worker"
 
 
 def test_python_rest_py_serves_too(server_env, tmp_path):

@@ -50,6 +50,9 @@ def test_values_are_parsed():
     ("ALLOWED_FILE_ROOTS", "photos", "ALLOWED_FILE_ROOTS=photos: photos is not an absolute path"),
     ("URL_ALLOWLIST", "10.0.0.0/33", "URL_ALLOWLIST=10.0.0.0/33: 10.0.0.0/33 is not an IP address"),
     ("LOG_LEVEL", "loud", "LOG_LEVEL=loud is not a log level"),
+    ("CLIP_BACKEND", "onnx", "CLIP_BACKEND=onnx is not an engine; allowed: auto, torch, openvino"),
+    ("CLIP_PRECISION", "int4", "CLIP_PRECISION=int4 is not a precision; allowed: auto, fp32, fp16, bf16, "
+     "int8"),
 ])
 def test_invalid_value_is_one_line_naming_variable_value_and_allowed(variable, value, expected):
     with pytest.raises(SettingsError) as caught:
@@ -57,6 +60,41 @@ def test_invalid_value_is_one_line_naming_variable_value_and_allowed(variable, v
     message = str(caught.value)
     assert message.startswith(expected)
     assert "\n" not in message
+
+
+def test_engine_settings_are_parsed():
+    assert settings_from_mapping({}).backend == "auto"
+    chosen = settings_from_mapping({"CLIP_BACKEND": " OpenVINO ", "CLIP_PRECISION": "INT8"})
+    assert (chosen.backend, chosen.precision) == ("openvino", "int8")
+    assert settings_from_mapping({"CLIP_BACKEND": "torch", "CLIP_DEVICE": "cuda"}).device == "cuda"
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"CLIP_BACKEND": "openvino", "CLIP_DEVICE": "cuda:1"},
+     "CLIP_BACKEND=openvino runs on the CPU, not CLIP_DEVICE=cuda:1; set CLIP_DEVICE=cpu"),
+    ({"CLIP_BACKEND": "openvino", "CLIP_PRECISION": "fp16"},
+     "CLIP_PRECISION=fp16 needs CUDA and CLIP_BACKEND=openvino runs on the CPU"),
+    ({"CLIP_BACKEND": "torch", "CLIP_PRECISION": "int8"},
+     "CLIP_PRECISION=int8 needs the OpenVINO engine on the CPU (it is CLIP_BACKEND=torch"),
+    ({"CLIP_DEVICE": "cuda", "CLIP_PRECISION": "int8"},
+     "CLIP_PRECISION=int8 needs the OpenVINO engine on the CPU (it is CLIP_BACKEND=auto, CLIP_DEVICE=cuda)"),
+])
+def test_engine_settings_that_cannot_work_together(values, expected):
+    with pytest.raises(SettingsError) as caught:
+        settings_from_mapping(values)
+    assert str(caught.value).startswith(expected)
+
+
+def test_openvino_asked_for_but_not_installed_says_how_to_install_it(monkeypatch):
+    import clip_service.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "openvino_installed", lambda: False)
+    with pytest.raises(SettingsError, match=r"CLIP_BACKEND=openvino but the openvino package is not "
+                       r"installed; install it \(.venv/bin/pip install -r requirements.txt\)"):
+        settings_from_mapping({"CLIP_BACKEND": "openvino"})
+    with pytest.raises(SettingsError, match="CLIP_PRECISION=int8 needs the openvino package"):
+        settings_from_mapping({"CLIP_PRECISION": "int8"})
+    assert settings_from_mapping({}).backend == "auto", "auto falls back to torch without it"
 
 
 def test_environment_wins_over_env_file(tmp_path):

@@ -40,7 +40,8 @@ class Engine(TextEncoder, Protocol):
 
     name: str  # CLIP_MODEL as the operator wrote it
     weights_source: str  # whose weights: "OpenAI" or "OpenCLIP" (the JSON key "framework")
-    backend: str  # what runs the model, e.g. "torch"
+    backend: str  # what runs the model: "torch" or "openvino"
+    precision: str  # what the image tower computes in: "fp32", "fp16", "bf16" or "int8" (int8 weights)
     device_name: str  # where it runs, as shown in /health, e.g. "cpu" or "cuda:0"
     device_kind: str  # "cpu", "cuda" or "mps": the kind of device, for choices such as batch sizes
     input_size: tuple[int, int]  # (H, W) of the image tower's input

@@ -19,6 +19,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
 from clip_service.engines.preprocess import InputGeometry, resize_extreme_aspect, uint8_pixels
 from clip_service.engines.spec import ModelSpec, model_identity
+from clip_service.engines.tokens import encode_in_length_batches
 from clip_service.engines.weights import weights_error
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class TorchEngine:
         self.device_name, self.device_kind = str(device), device.type
         visual = getattr(model, "visual", model)
         self.dtype = next(visual.parameters()).dtype  # the image tower's; the text tower may differ
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         text_dtype = next(model.token_embedding.parameters()).dtype if hasattr(
             model, "token_embedding") else next(model.parameters()).dtype
         # Text features computed in another precision or device kind are not the same features.
@@ -160,56 +162,39 @@ class TorchEngine:
                                     f"{pixels.shape[0]}: {error}") from error
 
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """N texts -> (N, D) unit float32 features on the CPU.
-
-        Texts are sorted by token length and each batch is cut to its longest text: CLIP's text
-        tower is causal and pooled at the end-of-text token, so padding after it changes nothing
-        but costs most of the time (labels are 5-10 tokens of a 77-token context).
-        """
+        """N texts -> (N, D) unit float32 features on the CPU, in batches cut to their length."""
         tokens = self.tokenizer(texts)  # (N, context); the tokenizer cuts what does not fit
-        lengths = self._token_lengths(tokens)
-        if lengths is not None and bool((lengths == tokens.shape[1]).any()):
-            cut = [text for text, length in zip(texts, lengths.tolist(), strict=True)
-                   if length == tokens.shape[1]]
-            log.warning("%d text(s) fill the model's %d-token context and may have been cut, e.g. %r",
-                        len(cut), tokens.shape[1], cut[0][:80])
-        order = torch.argsort(lengths) if lengths is not None else torch.arange(len(texts))
-        features = [None] * len(texts)
         with self._text_lock, torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                index = order[start:start + batch_size]
-                batch = tokens[index]
-                if lengths is not None:
-                    batch = batch[:, :int(lengths[index].max())]
-                encoded = self._encode_tokens(batch.to(self.device))
-                encoded = torch.nn.functional.normalize(encoded.float(), dim=-1).cpu()
-                for position, row in zip(index.tolist(), encoded, strict=True):
-                    features[position] = row
-        return torch.stack(features)
+            return encode_in_length_batches(
+                tokens, texts, cuts_context(self.model), batch_size,
+                lambda batch: encode_tokens(self.model, batch.to(self.device)))
 
-    def _token_lengths(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Tokens up to and including end-of-text, when the model allows cutting there; else None."""
-        model = self.model
-        if (type(model) is not open_clip.CLIP or getattr(model, "text_pool_type", None) != "argmax"
-                or getattr(model, "attn_mask", None) is None or tokens.ndim != 2):
-            return None
-        return tokens.argmax(dim=-1) + 1  # end-of-text has the highest id in CLIP's vocabulary
 
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """open_clip's CLIP.encode_text for a context cut to tokens.shape[1] positions."""
-        model = self.model
-        length = tokens.shape[1]
-        if self._token_lengths(tokens) is None or length == model.positional_embedding.shape[0]:
-            return model.encode_text(tokens)
-        cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, width)
-        x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-        x = model.ln_final(x)
-        x = text_global_pool(x, tokens, "argmax")  # (N, width)
-        if isinstance(model.text_projection, torch.nn.Linear):
-            return model.text_projection(x)
-        return x @ model.text_projection
+def cuts_context(model: torch.nn.Module) -> bool:
+    """Whether the text tower may run on a context cut after end-of-text: open_clip's causal CLIP
+    pooled at the end-of-text token (argmax); not SigLIP-style towers without a causal mask."""
+    return (type(model) is open_clip.CLIP and getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None)
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text for a context cut to tokens.shape[1] positions: (N, L) -> (N, D).
+
+    Written with the length read from the tensor, so a traced copy (the OpenVINO export) keeps the
+    sequence length dynamic.
+    """
+    if not cuts_context(model):
+        return model.encode_text(tokens)
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, width)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, "argmax")  # (N, width)
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
 
 
 def load_torch_engine(spec: ModelSpec, device_setting: str = "auto", precision_setting: str = "auto",
@@ -223,16 +208,23 @@ def load_torch_engine(spec: ModelSpec, device_setting: str = "auto", precision_s
     precision = resolve_precision(precision_setting, device)
     log.info("Loading CLIP_MODEL=%s (%s weights) on %s in %s", spec.name, spec.weights_source, device,
              precision)
+    model, preprocess, tokenizer = create_open_clip_model(
+        spec, device, "fp32" if device.type == "cpu" else precision)
+    if device.type == "cpu" and precision == "bf16":
+        model.visual.to(torch.bfloat16)
+    return TorchEngine(model, preprocess, tokenizer, spec, device)
+
+
+def create_open_clip_model(spec: ModelSpec, device: torch.device, precision: str = "fp32"):
+    """open_clip's (model, eval transform, tokenizer) for `spec`; ModelLoadError when weights are missing."""
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.open_clip_name, pretrained=spec.pretrained, device=device,
-            precision="fp32" if device.type == "cpu" else precision, require_pretrained=True,
+            spec.open_clip_name, pretrained=spec.pretrained, device=device, precision=precision,
+            require_pretrained=True,
         )
         tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
     except ModelLoadError:
         raise
     except Exception as error:
         raise weights_error(f"CLIP_MODEL={spec.name}", error) from error
-    if device.type == "cpu" and precision == "bf16":
-        model.visual.to(torch.bfloat16)
-    return TorchEngine(model, preprocess, tokenizer, spec, device)
+    return model.eval(), preprocess, tokenizer

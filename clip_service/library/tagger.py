@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from clip_service.engines.base import Engine
-from clip_service.engines.registry import default_batch_size, load_engine
+from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.inputs.images import ImageLimits
 from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.errors import LibraryError
@@ -98,7 +98,7 @@ def build_classifier(settings: Settings, engine: Engine, emoji: EmojiMapper) -> 
 
 def load_classifier(settings: Settings, emoji_api: bool = False) -> Classifier:
     """The server's engine and label features, built in this process (label features come cached)."""
-    engine = load_engine(settings.model_spec, settings.device, settings.precision)
+    engine = engine_for_settings(settings)
     return build_classifier(settings, engine, cli_emoji(settings, emoji_api))
 
 

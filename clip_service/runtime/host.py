@@ -15,7 +15,7 @@ from typing import Protocol
 
 from clip_service import metrics
 from clip_service.engines.base import Engine
-from clip_service.engines.registry import default_batch_size, load_engine
+from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity, public_model_name
 from clip_service.errors import NotReady
 from clip_service.library.photo_index import PhotoIndex, read_index
@@ -92,8 +92,9 @@ class ModelHost:
             self._build()
             self.status = LOADED
             engine = self.classifier.engine
-            log.info("Ready: %s (%s weights) on %s with %s, %d labels", engine.name, engine.weights_source,
-                     engine.device_name, engine.backend, len(self.classifier.label_set))
+            log.info("Ready: %s (%s weights) on %s with %s in %s, %d labels", engine.name,
+                     engine.weights_source, engine.device_name, engine.backend, engine.precision,
+                     len(self.classifier.label_set))
         except Exception as error:  # any load failure must show in /health, not kill the thread silently
             self.error = f"{type(error).__name__}: {error}"
             self.status = FAILED
@@ -104,7 +105,7 @@ class ModelHost:
 
     def _build(self) -> None:
         settings = self.settings
-        engine = self._engine or load_engine(settings.model_spec, settings.device, settings.precision)
+        engine = self._engine or engine_for_settings(settings)
         vocabulary = load_vocabulary(settings, engine)
         batcher = MicroBatcher(engine.encode_images, settings.batch_max_size or default_batch_size(engine),
                                settings.batch_wait_ms / 1000, arriving=self.arriving,

@@ -52,6 +52,9 @@ def clip_sh_env(model: str, labels_dir: Path, emoji_file: Path, cache_dir: Path,
         "CLIP_LABELS_DIR": str(labels_dir), "CLIP_CACHE_DIR": str(cache_dir),
         "EMOJI_DICTIONARY": str(emoji_file), "CLIP_CONFIDENCE_THRESHOLD": "0",
         "API_HOST": "127.0.0.1", "API_PORT": str(api_port), "API_TIMEOUT": str(api_timeout),
+        # the tests' reference engine, as the `settings` fixture's; a test of OpenVINO's server says so
+        # (CLIP_BACKEND=auto or openvino), since each start of one converts the model
+        "CLIP_BACKEND": "torch",
     }
     env.update({name: str(value) for name, value in settings.items()})
     return env
