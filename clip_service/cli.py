@@ -116,21 +116,26 @@ def add_tag_command(commands) -> None:
                         help="lowest confidence kept, 0 to 1 (default: CLIP_CONFIDENCE_THRESHOLD)")
     parser.add_argument("--limit", type=limit_arg, metavar="N",
                         help="most labels per image, 1 or more (default: CLIP_MAX_PREDICTIONS)")
+    parser.add_argument("--emoji-api", action="store_true",
+                        help="ask the emoji API (API_HOST, API_PORT) once for its mappings; by default "
+                             "only the local EMOJI_DICTIONARY is used")
+    add_folder_walk_options(parser, resume="keep the output's records and tag only the files it lacks",
+                            overwrite="empty an existing output first")
+    parser.set_defaults(handler=run_tag)
+
+
+def add_folder_walk_options(parser: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
+    """The options `tag` and `index` share: they walk a folder the same way (library/batches.py)."""
     parser.add_argument("--batch-size", type=limit_arg, metavar="N",
                         help="images per forward pass (default: 8 on a CPU, 64 on a GPU)")
     parser.add_argument("--all-files", action="store_true",
                         help="try every file, not only " + " ".join(sorted(IMAGE_EXTENSIONS)))
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="keep the output's records and tag only the files it lacks")
-    existing.add_argument("--overwrite", action="store_true", help="empty an existing output first")
-    parser.add_argument("--emoji-api", action="store_true",
-                        help="ask the emoji API (API_HOST, API_PORT) once for its mappings; by default "
-                             "only the local EMOJI_DICTIONARY is used")
+    existing.add_argument("--resume", action="store_true", help=resume)
+    existing.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar or info messages (warnings and the summary remain); the "
                              "bar is also off when stderr is not a terminal")
-    parser.set_defaults(handler=run_tag)
 
 
 def add_index_command(commands) -> None:
@@ -141,16 +146,9 @@ def add_index_command(commands) -> None:
     parser.add_argument("folder", type=Path, metavar="FOLDER", help="the folder tree to index")
     parser.add_argument("-o", "--output", type=Path, metavar="INDEX", required=True,
                         help="the index file to write, e.g. pictures.clipindex")
-    parser.add_argument("--batch-size", type=limit_arg, metavar="N",
-                        help="images per forward pass (default: 8 on a CPU, 64 on a GPU)")
-    parser.add_argument("--all-files", action="store_true",
-                        help="try every file, not only " + " ".join(sorted(IMAGE_EXTENSIONS)))
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="keep what INDEX (or an interrupted run) holds and embed only what it lacks")
-    existing.add_argument("--overwrite", action="store_true", help="index FOLDER again from scratch")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bar or info messages (warnings and the summary remain)")
+    add_folder_walk_options(
+        parser, resume="keep what INDEX (or an interrupted run) holds and embed only what it lacks",
+        overwrite="index FOLDER again from scratch")
     parser.set_defaults(handler=run_index)
 
 

@@ -74,15 +74,19 @@ def test_an_input_whose_deadline_passed_is_dropped_not_encoded(batchers):
     assert encoded == [1.0, 3.0], "the expired input was encoded anyway"
 
 
-def test_out_of_memory_splits_the_batch_until_it_fits(batchers):
-    tried = []
-
-    def small_memory(pixels):
+def fits_at_most(images: int, tried: list[int]):
+    """An encoder whose device runs out of memory on more than `images`; it notes each batch's size."""
+    def encode(pixels):
         tried.append(len(pixels))
-        if len(pixels) > 2:
+        if len(pixels) > images:
             raise EngineOutOfMemory("out of memory")
         return features_of(pixels)
+    return encode
 
+
+def test_out_of_memory_splits_the_batch_until_it_fits(batchers):
+    tried = []
+    small_memory = fits_at_most(2, tried)
     batcher = batchers(small_memory, max_batch=8, max_wait_s=0.5, arriving=lambda: 8)
     results = [None] * 8
 
@@ -183,13 +187,7 @@ def test_groups_share_a_pass_only_when_both_fit(batchers):
 
 def test_out_of_memory_halves_one_requests_group(batchers):
     tried = []
-
-    def small_memory(pixels):
-        tried.append(len(pixels))
-        if len(pixels) > 2:
-            raise EngineOutOfMemory("out of memory")
-        return features_of(pixels)
-
+    small_memory = fits_at_most(2, tried)
     batcher = batchers(small_memory, max_batch=8, max_wait_s=0.0)
     features = batcher.submit_many(group(*map(float, range(5))), time.monotonic() + 5)
     assert features[:, 0].tolist() == [float(value) for value in range(5)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_service.engines.preprocess import InputGeometry, resize_to_crop, uint8_pixels
+from clip_service.engines.preprocess import InputGeometry, model_input_pixels, resize_to_crop, uint8_pixels
 
 SHORTEST = InputGeometry((64, 64), "shortest", Image.Resampling.BICUBIC)
 
@@ -64,6 +64,21 @@ def test_an_ordinary_photo_is_resized_in_one_step_to_the_same_pixels(size, side)
 ])
 def test_geometries_without_a_square_centre_crop_are_left_to_the_plain_transform(size, geometry):
     assert resize_to_crop(Image.new("RGB", size), geometry) is None
+
+
+def test_model_input_pixels_take_the_one_step_crop_or_the_models_own_steps():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    calls = []
+
+    def own_steps(picture):
+        calls.append(picture.size)
+        return picture.resize((64, 48))
+
+    cropped = model_input_pixels(image, SHORTEST, own_steps)
+    assert calls == [] and np.array_equal(cropped, np.asarray(resize_to_crop(image, SHORTEST)))
+    squash = InputGeometry((48, 64), "squash", Image.Resampling.BICUBIC)
+    squashed = model_input_pixels(image, squash, own_steps)
+    assert calls == [(400, 300)] and squashed.shape == (48, 64, 3) and squashed.dtype == np.uint8
 
 
 def test_uint8_pixels_are_height_width_channels_and_writable():

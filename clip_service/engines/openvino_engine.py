@@ -20,7 +20,7 @@ from PIL import Image
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
 from clip_service.engines.openvino_export import START_STATES, ExportedTowers, cached_towers
 from clip_service.engines.openvino_import import ov
-from clip_service.engines.preprocess import InputGeometry, resize_to_crop, uint8_pixels
+from clip_service.engines.preprocess import InputGeometry, model_input_pixels
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.text_prefix import shared_prefix_length
 from clip_service.engines.tokens import encode_in_length_batches, end_of_text_lengths
@@ -94,8 +94,8 @@ class OpenVinoEngine:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> the model's input, resized and cropped: (3, H, W) uint8."""
-        resized = resize_to_crop(image, self.geometry) or self._pil_steps(image)
-        return torch.from_numpy(uint8_pixels(resized)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        pixels = model_input_pixels(image, self.geometry, self._pil_steps)
+        return torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 from `prepare` -> (N, D) unit float32 on the CPU."""

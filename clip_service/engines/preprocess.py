@@ -6,6 +6,7 @@ normalising them is the engine's part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,13 @@ def resize_to_crop(image: Image.Image, geometry: InputGeometry) -> Image.Image |
     start, end = top * scale, (top + side) * scale
     box = (start, 0, end, height) if width > height else (0, start, width, end)
     return image.resize((side, side), geometry.resample, box=box)
+
+
+def model_input_pixels(image: Image.Image, geometry: InputGeometry,
+                       pil_steps: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """An RGB image -> the model's input as (H, W, 3) uint8: the one-step crop where the geometry has a
+    square centre crop, else the model's own Pillow steps (open_clip's transform without its tensor part)."""
+    return uint8_pixels(resize_to_crop(image, geometry) or pil_steps(image))
 
 
 def uint8_pixels(image: Image.Image) -> np.ndarray:

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
-from clip_service.engines.preprocess import InputGeometry, resize_to_crop, uint8_pixels
+from clip_service.engines.preprocess import InputGeometry, model_input_pixels
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.tokens import encode_in_length_batches
 from clip_service.engines.weights import weights_error
@@ -138,8 +138,8 @@ class TorchEngine:
         """An RGB image -> the model's input, resized and cropped: (3, H, W), uint8 when possible."""
         if self._pil_steps is None:
             return self.preprocess_transform(image)
-        resized = resize_to_crop(image, self.geometry) or self._pil_steps(image)
-        return torch.from_numpy(uint8_pixels(resized)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        pixels = model_input_pixels(image, self.geometry, self._pil_steps)
+        return torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own full transform: (3, H, W) float, normalised. The reference path."""

@@ -50,6 +50,17 @@ def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
     return response
 
 
+def _success(fields: dict, **extra) -> dict:
+    """A 200 answer: the service's name and "success", then the route's own keys."""
+    return _exact({"service": _const("clip"), "status": _const("success"), **fields}, **extra)
+
+
+def _metadata(**fields) -> dict:
+    """An answer's metadata: the seconds it took, then the route's own keys."""
+    return _exact({"processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
+                   **fields})
+
+
 def _model_info_properties() -> dict:
     return {
         "framework": {"type": "string", "enum": ["OpenAI", "OpenCLIP"],
@@ -72,33 +83,21 @@ def _schemas(settings: Settings) -> dict:
     return {
         "Prediction": prediction,
         "ModelInfo": _exact(_model_info_properties()),
-        "AnalyzeSuccess": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "AnalyzeSuccess": _success({
             "predictions": {"type": "array", "items": _ref("schemas", "Prediction"),
                             "maxItems": settings.max_predictions,
                             "description": "Sorted by confidence, highest first; at or above the "
                                            "threshold, at most `limit`."},
-            "metadata": _exact({
-                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
-                "model_info": _ref("schemas", "ModelInfo"),
-            }),
+            "metadata": _metadata(model_info=_ref("schemas", "ModelInfo")),
         }, description="Every 200 answer of /analyze."),
-        "BatchSuccess": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "BatchSuccess": _success({
             "results": {"type": "array", "maxItems": settings.batch_files_max,
                         "items": {"oneOf": [_ref("schemas", "AnalyzeSuccess"), _ref("schemas", "Error")]},
                         "description": "One answer per `file` field, in order: /analyze's own answer, or "
                                        "its error answer for a file that is not a usable image."},
-            "metadata": _exact({
-                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
-                "model_info": _ref("schemas", "ModelInfo"),
-            }),
+            "metadata": _metadata(model_info=_ref("schemas", "ModelInfo")),
         }, description="Every 200 answer of /analyze/batch."),
-        "EmbedSuccess": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "EmbedSuccess": _success({
             "embeddings": {"oneOf": [
                 {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
                  "description": "`encoding=float`: each vector as numbers (float32 values)."},
@@ -106,32 +105,23 @@ def _schemas(settings: Settings) -> dict:
                  "description": "`encoding=base64`: each vector as base64 of `dimensions` little-endian "
                                 "float32 values."},
             ], "description": "One unit vector per input, in input order."},
-            "metadata": _exact({
-                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
-                "model_info": _exact({
-                    **_model_info_properties(),
-                    "dimensions": {"type": "integer", "minimum": 1,
-                                   "description": "Numbers per vector (the model's embedding size)."},
-                }),
-            }),
+            "metadata": _metadata(model_info=_exact({
+                **_model_info_properties(),
+                "dimensions": {"type": "integer", "minimum": 1,
+                               "description": "Numbers per vector (the model's embedding size)."},
+            })),
         }, description="Every 200 answer of /embed."),
-        "SearchSuccess": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "SearchSuccess": _success({
             "matches": {"type": "array", "maxItems": MAX_RESULTS, "items": _exact({
                 "path": {"type": "string", "description": "Relative to the indexed folder, with `/`."},
                 "score": {"type": "number", "minimum": -1, "maximum": 1,
                           "description": "Cosine similarity to the query, 4 decimals; higher is closer."},
             }), "description": "The best matches first, at most `k`."},
-            "metadata": _exact({
-                "processing_time": {"type": "number", "minimum": 0, "description": "Seconds."},
-                "index_size": {"type": "integer", "minimum": 0, "description": "Images searched."},
-                "model_info": _ref("schemas", "ModelInfo"),
-            }),
+            "metadata": _metadata(
+                index_size={"type": "integer", "minimum": 0, "description": "Images searched."},
+                model_info=_ref("schemas", "ModelInfo")),
         }, description="Every 200 answer of /search."),
-        "SearchIndex": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "SearchIndex": _success({
             "index": _exact({
                 "images": {"type": "integer", "minimum": 0},
                 "dimensions": {"type": "integer", "minimum": 1},
@@ -146,8 +136,7 @@ def _schemas(settings: Settings) -> dict:
             "error": _exact({"message": {
                 "type": "string",
                 "description": "What went wrong, for people; never a traceback or other internals."}}),
-            "metadata": _exact({"processing_time": {"type": "number", "minimum": 0,
-                                                    "description": "Seconds."}}),
+            "metadata": _metadata(),
         }, description="Every error answer (4xx and 5xx) of every route but /health."),
         "HealthReady": _exact({
             "status": _const("healthy"),
@@ -178,9 +167,7 @@ def _schemas(settings: Settings) -> dict:
             "label": {"type": "string"},
             "emoji": {"type": "string", "description": "Absent when the label has no known emoji."},
         }, required=["label"]),
-        "Labels": _exact({
-            "service": _const("clip"),
-            "status": _const("success"),
+        "Labels": _success({
             "version": {"type": "string", "pattern": "^[0-9a-f]{12}$",
                         "description": "A short hash of the model, templates and labels; every "
                                        "/analyze answer carries it as metadata.model_info.labels_version."},
