@@ -8,6 +8,8 @@ embeddings (tasks.embed) and photo search (tasks.search).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from PIL import Image
 
@@ -93,13 +95,13 @@ class ClipService:
         """
         classifier = self.ready_classifier()
         metrics.BATCH_REQUEST_FILES.observe(len(uploads))
-        outcomes = self.images.decode_each(uploads, deadline)
-        images = [outcome for outcome in outcomes if not isinstance(outcome, ServiceError)]
-        if not images:
+        outcomes = self.images.decode_each(uploads, deadline, classifier.engine.prepare)
+        inputs = [outcome for outcome in outcomes if not isinstance(outcome, ServiceError)]
+        if not inputs:
             return outcomes
         with self.health.watching(), metrics.timed("model"):
-            predictions = iter(classifier.classify_many(images, options.threshold, options.limit, deadline,
-                                                        options.labels, options.groups))
+            predictions = iter(classifier.classify_prepared(inputs, options.threshold, options.limit,
+                                                            deadline, options.labels, options.groups))
         return [outcome if isinstance(outcome, ServiceError) else next(predictions) for outcome in outcomes]
 
     def ready_embedder(self) -> Embedder:
@@ -109,9 +111,19 @@ class ClipService:
     def embed_images(self, images: list[Image.Image], deadline: float) -> torch.Tensor:
         """(N, D) unit embeddings of the images, in one forward pass through the micro-batcher."""
         embedder = self.ready_embedder()
+        return self._embedded(len(images), lambda: embedder.images(images, deadline))
+
+    def embed_uploads(self, uploads: list[bytes], deadline: float) -> torch.Tensor:
+        """(N, D) unit embeddings of uploads, each decoded and prepared on its own thread (so at most one
+        full-size image per core is held at a time), in one forward pass through the micro-batcher."""
+        embedder = self.ready_embedder()
+        inputs = self.images.from_uploads(uploads, deadline, embedder.classifier.engine.prepare)
+        return self._embedded(len(inputs), lambda: embedder.prepared(inputs, deadline))
+
+    def _embedded(self, count: int, embed: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self.health.watching(), metrics.timed("model"):
-            vectors = embedder.images(images, deadline)
-        metrics.EMBEDDINGS.labels("image").inc(len(images))
+            vectors = embed()
+        metrics.EMBEDDINGS.labels("image").inc(count)
         return vectors
 
     def embed_texts(self, texts: list[str], prompts: bool, deadline: float | None = None) -> torch.Tensor:

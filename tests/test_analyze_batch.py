@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import weakref
 
 import pytest
 
 from clip_service.http.limits import MULTIPART_OVERHEAD
+from clip_service.inputs import sources
+from clip_service.runtime.cores import MAX_THREADS
 from tests.support.images import image_bytes
 from tests.support.responses import assert_error, assert_success, upload
 
@@ -155,3 +159,32 @@ def test_aliases_obey_file_roots(client, tmp_path):
     assert_error(client.get("/v2/analyze_file", query_string={"file_path": str(tmp_path / "none.jpg")}),
                  404, "File not found")
     assert_error(client.post("/v2/analyze"), 405)
+
+
+@pytest.mark.parametrize("route", ["/analyze/batch", "/embed"])
+def test_a_request_holds_one_full_size_image_per_core_not_all_of_them(app, client, monkeypatch, route):
+    """32 large PNGs fit in a small body (they compress ~1000:1); decoded all at once they would be
+    32 x 180 MB. Each is made the model's small input on the thread that decoded it, then dropped."""
+    live, alive_at_prepare = set(), []
+    real_decode = sources.decode_image
+
+    def decode(*args, **kwargs):
+        image = real_decode(*args, **kwargs)
+        live.add(id(image))
+        weakref.finalize(image, live.discard, id(image))
+        return image
+
+    monkeypatch.setattr(sources, "decode_image", decode)
+    engine = app.extensions["clip_service"].ready_classifier().engine
+    real_prepare = engine.prepare
+
+    def prepare(image):
+        alive_at_prepare.append(len(live))
+        return real_prepare(image)
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    response = client.post(route, **files(*[image_bytes(colour=COLOURS[index % 5], size=(300, 200))
+                                            for index in range(12)]))
+    assert response.status_code == 200, response.get_json()
+    assert len(alive_at_prepare) == 12
+    assert max(alive_at_prepare) <= min(os.cpu_count() or 1, MAX_THREADS), alive_at_prepare

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from clip_service.http.limits import JSON_BODY_MAX
 from clip_service.tasks.embed import Embedder, base64_rows, float_lists
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from tests.support.engines import GatedEngine
@@ -140,6 +141,9 @@ def test_text_embeddings_reuse_the_label_caches(app):
     assert calls == [1] * len(classifier.vocabulary.templates) + [2]
 
 
+JSON = "application/json"
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"method": "GET"}, "got none"),
     ({"method": "GET", "query_string": {"text": "cat", "url": "http://a.example/x.jpg"}}, "got url and text"),
@@ -161,10 +165,23 @@ def test_text_embeddings_reuse_the_label_caches(app):
     ({"method": "GET", "query_string": {"text": ["cat"], "encoding": ["float", "base64"]}},
      "Give encoding only once"),
     ({"method": "POST", "data": "texts=cat", "content_type": "text/plain"}, "multipart/form-data"),
+    ({"method": "POST", "data": "[" * 20_000, "content_type": JSON}, "nested too deeply"),
+    ({"method": "POST", "data": '{"texts": ["a\\ud800b"]}', "content_type": JSON},
+     "texts[0] is not valid Unicode"),
+    ({"method": "POST", "data": '{"texts": ["a"], "encoding": "\\ud800"}', "content_type": JSON},
+     "encoding=\\ud800 is not an encoding"),
+    ({"method": "POST", "data": '{"texts": ["a"], "prompts": "\\udfff"}', "content_type": JSON},
+     "prompts=\\udfff is not a boolean"),
 ])
 def test_bad_requests_are_400(client, kwargs, fragment):
     method = kwargs.pop("method")
     assert_error(client.open("/embed", method=method, **kwargs), 400, fragment)
+
+
+def test_a_json_body_larger_than_any_valid_texts_request_is_413(client):
+    """An 8 MB list of nothing would otherwise be parsed (hundreds of MB) before its 400."""
+    body = '{"texts": [' + ",".join(["{}"] * (JSON_BODY_MAX // 3 + 1)) + "]}"
+    assert_error(client.post("/embed", data=body, content_type="application/json"), 413)
 
 
 def test_bad_image_inputs_are_refused_naming_the_file(make_app, settings):

@@ -15,6 +15,9 @@ from PIL import Image
 
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
+from clip_service.errors import ServiceError
+from clip_service.inputs.images import ImageLimits
+from clip_service.inputs.thumbnails import thumbnail_jpeg
 from clip_service.library import indexer
 from clip_service.library.indexer import IndexOptions
 from clip_service.settings import Settings
@@ -133,6 +136,18 @@ def test_thumbnails_only_for_indexed_paths_beneath_the_folder(client, indexed, t
     finally:
         victim.unlink(missing_ok=True)
         victim.write_bytes(saved)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_an_unreadable_entry_names_only_the_clients_path_however_long_the_folder(tmp_path, kind):
+    """The server's folder may be longer than error messages quote (they shorten paths): still hidden."""
+    folder = tmp_path / ("a-long-folder-name-" * 8) / "photos"
+    folder.mkdir(parents=True)
+    entry = folder / "0.png"
+    entry.mkdir() if kind == "folder" else os.mkfifo(entry)
+    with pytest.raises(ServiceError) as caught:
+        thumbnail_jpeg(folder, "0.png", ImageLimits(1_000_000, 1_000_000))
+    assert caught.value.message == "0.png cannot be read as an image file"
 
 
 @pytest.mark.parametrize("query, fragment", [

@@ -47,8 +47,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
 
     @app.before_request
     def _body_limit():  # the routes that take several images may have a larger body
-        multipart = request.mimetype == "multipart/form-data"
-        request.max_content_length = limits.for_request(request.path, multipart)
+        request.max_content_length = limits.for_request(request.path, request.mimetype)
 
     app.register_blueprint(errors_bp)  # then the UTF-8 check, before access control
     app.register_blueprint(analyze_bp)

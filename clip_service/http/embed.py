@@ -68,6 +68,12 @@ def texts_from_json(body: object) -> list[str]:
     texts = body.get("texts")
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
         raise BadInput('The JSON body needs "texts": a list of strings')
+    for index, text in enumerate(texts):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON lets "\ud800" through; no tokenizer or answer can use it
+                raise BadInput(f"texts[{index}] is not valid Unicode (a lone surrogate)") from None
     return texts
 
 
@@ -83,6 +89,14 @@ def checked_texts(texts: list[str]) -> list[str]:
     return cleaned
 
 
+def json_object() -> object:
+    """The request's JSON body; None when it is not JSON (texts_from_json then says what is expected)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:  # [[[[... nested deeper than the parser's recursion allows
+        raise BadInput("The JSON body is nested too deeply; send {\"texts\": [...]}") from None
+
+
 def _service() -> ClipService:
     return current_app.extensions["clip_service"]
 
@@ -96,7 +110,7 @@ def embed():
         query_texts = request.args.getlist("text") or None
         json_body = json_texts = images = None
         if request.method == "POST" and request.mimetype == "application/json":
-            json_body = request.get_json(silent=True)
+            json_body = json_object()
             json_texts = texts_from_json(json_body)
         elif request.method == "POST":
             images = uploads(service.settings.batch_files_max)
@@ -119,10 +133,9 @@ def embed():
             vectors = service.embed_texts(texts, options.prompts, deadline)
         else:
             if url is not None:
-                pictures = [service.images.from_url(url, deadline)]
+                vectors = service.embed_images([service.images.from_url(url, deadline)], deadline)
             elif path is not None:
-                pictures = [service.images.from_file(path, deadline)]
+                vectors = service.embed_images([service.images.from_file(path, deadline)], deadline)
             else:
-                pictures = service.images.from_uploads(images, deadline)
-            vectors = service.embed_images(pictures, deadline)
+                vectors = service.embed_uploads(images, deadline)
     return jsonify(embed_body(vectors, options.encoding, embedder, elapsed()))

@@ -26,6 +26,9 @@ def elapsed() -> float:
 
 
 def error_response(status: int, message: str):
+    # A message may quote the client's input, and JSON strings may carry lone surrogates ("\ud800")
+    # that cannot be written as UTF-8: escape them, or the error answer itself would fail.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return jsonify(error_body(message, elapsed())), status
 
 

@@ -58,7 +58,7 @@ class Head:
     chunked: bool
     size: int  # bytes of the request line and headers, blank line included
     expect_line: tuple[int, int] | None  # (start, end) of an `Expect: 100-continue` line in the head
-    multipart: bool = False  # Content-Type multipart/form-data: may hold several images on some routes
+    media_type: str = ""  # Content-Type without parameters, lower case: sizes the body (http/limits.py)
 
 
 def parse_head(data: bytes) -> Head:
@@ -73,7 +73,7 @@ def parse_head(data: bytes) -> Head:
         raise ValueError("malformed request line")
     target = parts[1].decode("latin-1")
     path = urlsplit(target).path if "://" in target else target.partition("?")[0]
-    lengths, chunked, expect_line, multipart = set(), False, None, False
+    lengths, chunked, expect_line, media_type = set(), False, None, ""
     offset = len(lines[0]) + 2
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -87,12 +87,12 @@ def parse_head(data: bytes) -> Head:
         elif name == b"expect" and value == b"100-continue":
             expect_line = (offset, offset + len(line) + 2)
         elif name == b"content-type":
-            multipart = value.partition(b";")[0].strip() == b"multipart/form-data"
+            media_type = value.partition(b";")[0].strip().decode("latin-1")
         offset += len(line) + 2
     if len(lengths) > 1 or any(not value.isdigit() for value in lengths):
         raise ValueError("bad Content-Length")
     return Head(parts[0].decode("latin-1"), path, int(lengths.pop()) if lengths else 0, chunked, size,
-                expect_line, multipart)
+                expect_line, media_type)
 
 
 def error_answer(status: int, message: str, seconds: float, retry_after: int | None = None) -> bytes:
@@ -260,12 +260,10 @@ class FrontDoorWorker(gthread.ThreadWorker):
             self._refuse(conn, 411, "Send the request with a Content-Length (chunked uploads are "
                                     "not accepted)")
             return False
-        limit = self.body_limits.for_request(head.path, head.multipart)
+        limit = self.body_limits.for_request(head.path, head.media_type)
         if head.content_length > limit:
-            what = "BATCH_FILES_MAX times MAX_IMAGE_BYTES" if limit > self.body_limits.one_image \
-                else "MAX_IMAGE_BYTES"
             self._refuse(conn, 413, f"The request body is {head.content_length} bytes; the limit is "
-                                    f"{limit} ({what}, plus form overhead)")
+                                    f"{limit} ({self.body_limits.described(head.path, head.media_type)})")
             return False
         if head.content_length and self.buffered + head.content_length > self.buffer_limit:
             self._refuse(conn, 503, "The service is receiving too many uploads at once; retry "

@@ -27,15 +27,14 @@ def thumbnail_jpeg(folder: Path, relative: str, limits: ImageLimits, side: int =
     raw = str(folder / relative)
     try:
         real = check_file_access(raw, (folder,), private=False)
-        image = decode_image(read_file(raw, real, limits.max_bytes, (folder,)), limits, (side, side))
+        data = read_file(raw, real, limits.max_bytes, (folder,))
     except Forbidden:
         raise Forbidden(f"{relative} leads outside the indexed folder") from None
     except NotFound:
         raise NotFound(f"{relative} is no longer in the indexed folder; index it again") from None
-    except ServiceError as error:
-        if str(folder) in error.message:
-            raise type(error)(f"{relative} cannot be read") from None
-        raise
+    except ServiceError as error:  # its message names the server's path (perhaps shortened): never shown
+        raise type(error)(f"{relative} cannot be read as an image file") from None
+    image = decode_image(data, limits, (side, side))  # its errors name no path
     image.thumbnail((side, side), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)

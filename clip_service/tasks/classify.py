@@ -124,8 +124,11 @@ class Classifier:
     def many_image_features(self, images: list[Image.Image], deadline: float | None = None,
                             ) -> torch.Tensor:
         """(N, D) unit features of several images, in one forward pass (resized in parallel)."""
-        pixels = torch.stack(map_on_cores(self.engine.prepare, images))  # (N, 3, H, W)
-        return self.encode_images(pixels, deadline)
+        return self.prepared_features(map_on_cores(self.engine.prepare, images), deadline)
+
+    def prepared_features(self, inputs: list[torch.Tensor], deadline: float | None = None) -> torch.Tensor:
+        """(N, D) unit features of model inputs from `engine.prepare`, in one forward pass."""
+        return self.encode_images(torch.stack(inputs), deadline)  # (N, 3, H, W) in
 
     def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
                    deadline: float | None = None) -> Candidates:
@@ -152,11 +155,18 @@ class Classifier:
     def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
                       deadline: float | None = None, labels: tuple[str, ...] | None = None,
                       groups: tuple[str, ...] | None = None) -> list[list[Prediction]]:
-        """Several images in one forward pass (the tagger's batches, /analyze/batch)."""
+        """Several images in one forward pass (the tagger's batches)."""
+        return self.classify_prepared(map_on_cores(self.engine.prepare, images), threshold, limit, deadline,
+                                      labels, groups)
+
+    def classify_prepared(self, inputs: list[torch.Tensor], threshold: float, limit: int,
+                          deadline: float | None = None, labels: tuple[str, ...] | None = None,
+                          groups: tuple[str, ...] | None = None) -> list[list[Prediction]]:
+        """Several model inputs from `engine.prepare` in one forward pass (/analyze/batch)."""
         candidates = self.candidates(labels, groups, deadline)
         if not candidates.labels:
-            return [[] for _ in images]
-        return self.predictions(self.many_image_features(images, deadline), candidates, threshold, limit)
+            return [[] for _ in inputs]
+        return self.predictions(self.prepared_features(inputs, deadline), candidates, threshold, limit)
 
     def predictions(self, image_features: torch.Tensor, candidates: Candidates, threshold: float,
                     limit: int) -> list[list[Prediction]]:

@@ -37,6 +37,10 @@ class Embedder:
         """(N, D) unit float32 embeddings, in one forward pass."""
         return self.classifier.many_image_features(list(images), deadline)
 
+    def prepared(self, inputs: list[torch.Tensor], deadline: float | None = None) -> torch.Tensor:
+        """(N, D) unit float32 embeddings of model inputs from `engine.prepare`, in one forward pass."""
+        return self.classifier.prepared_features(inputs, deadline)
+
     def texts(self, texts: Sequence[str], prompts: bool = False, deadline: float | None = None,
               ) -> torch.Tensor:
         """(N, D) unit float32 embeddings, in input order (repeats included).
