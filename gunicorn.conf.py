@@ -49,9 +49,10 @@ limit_request_line = 8190
 
 
 def when_ready(server):
-    """SIGHUP to the master reloads the labels in every worker, instead of restarting them."""
+    """SIGHUP to the master reloads the labels (and the photo index) in every worker, instead of
+    restarting them."""
     def forward_hup(arbiter=server):
-        arbiter.log.info("SIGHUP: reloading labels in %d worker(s)", len(arbiter.WORKERS))
+        arbiter.log.info("SIGHUP: reloading labels and the photo index in %d worker(s)", len(arbiter.WORKERS))
         for pid in list(arbiter.WORKERS):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
@@ -69,12 +70,12 @@ def post_fork(server, worker):
 def post_worker_init(worker):
     service = worker.wsgi.extensions["clip_service"]
 
-    def reload_labels(signum, frame):
+    def reload(signum, frame):
         import threading
 
-        threading.Thread(target=service.reload_labels, name="clip-reload", daemon=True).start()
+        threading.Thread(target=service.reload, name="clip-reload", daemon=True).start()
 
-    signal.signal(signal.SIGHUP, reload_labels)
+    signal.signal(signal.SIGHUP, reload)
 
 
 def worker_exit(server, worker):

@@ -72,6 +72,11 @@ class ClipService:
     def reload_labels(self) -> bool:
         return self.host.reload_labels()
 
+    def reload(self) -> None:
+        """What SIGHUP asks for: the labels and templates, and the photo index when SEARCH_INDEX is set."""
+        self.host.reload_labels()
+        self.host.reload_photo_index()
+
     def known_groups(self) -> tuple[str, ...]:
         classifier = self.classifier
         return tuple(classifier.vocabulary.label_set.groups) if classifier else ()

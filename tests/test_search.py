@@ -138,6 +138,38 @@ def test_thumbnails_only_for_indexed_paths_beneath_the_folder(client, indexed, t
         victim.write_bytes(saved)
 
 
+def test_sighup_reloads_a_rewritten_index_and_keeps_the_old_one_when_the_new_is_broken(
+        make_app, search_settings, indexed, trained_model_dir, tmp_path, caplog):
+    live = tmp_path / "live.clipindex"
+    live.write_bytes(indexed[1].read_bytes())
+    app = make_app(dataclasses.replace(search_settings, search_index=live))
+    client, service = app.test_client(), app.extensions["clip_service"]
+
+    def images_served() -> int:
+        response = client.get("/search/index")
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["index"]["images"]
+
+    assert images_served() == len(COLOURS) * PER_COLOUR
+    smaller = tmp_path / "smaller"
+    write_pictures(smaller, ["red", "blue"], 2)
+    engine = load_engine(parse_model_spec(f"local-dir:{trained_model_dir}"), "cpu", "fp32")
+    rewritten = tmp_path / "rewritten.clipindex"
+    indexer.run(IndexOptions(smaller, rewritten), Settings(clip_model=f"local-dir:{trained_model_dir}"),
+                lambda: engine)
+    os.replace(rewritten, live)  # as the index command writes: a new file renamed into place
+    service.reload()
+    assert images_served() == 4
+    matches = client.get("/search", query_string={"q": "a red circle"}).get_json()["matches"]
+    assert [match["path"].split("/")[0] for match in matches] == ["red", "red", "blue", "blue"]
+    damaged = tmp_path / "damaged.clipindex"
+    damaged.write_bytes(b"not an index")
+    os.replace(damaged, live)
+    service.reload()
+    assert images_served() == 4  # the index loaded before keeps serving
+    assert "was not reloaded" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["folder", "fifo"])
 def test_an_unreadable_entry_names_only_the_clients_path_however_long_the_folder(tmp_path, kind):
     """The server's folder may be longer than error messages quote (they shorten paths): still hidden."""

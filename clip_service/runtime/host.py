@@ -18,7 +18,7 @@ from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity, public_model_name
 from clip_service.errors import NotReady
-from clip_service.library.photo_index import PhotoIndex, read_index
+from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_index
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
@@ -78,6 +78,21 @@ class ModelHost:
     def reload_labels(self) -> bool:
         """Re-read labels and templates; encode only what changed; swap without stopping requests."""
         return self._reloader is not None and self._reloader.reload()
+
+    def reload_photo_index(self) -> bool:
+        """Re-read SEARCH_INDEX (after `python -m clip_service index` wrote it again) and swap it in.
+
+        An index that cannot be used (damaged, missing, another model's) leaves the one in use serving.
+        """
+        if self.settings.search_index is None or self.status != LOADED:
+            return False
+        try:
+            index = load_photo_index(self.settings)
+        except PhotoIndexError as error:
+            log.warning("The photo index was not reloaded; the one loaded before keeps serving: %s", error)
+            return False
+        self.photo_index = index
+        return True
 
     def stop(self) -> None:
         """Stop the batcher, canary and watcher (a thread inside torch at exit aborts the process)."""
