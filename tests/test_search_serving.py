@@ -7,9 +7,13 @@ real server, and thumbnails come only from the indexed folder.
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +51,9 @@ def library(trained_model_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_search_through_clip_sh(server_env, library, trained_model_dir, tmp_path):
     folder, index = library
-    env = {**server_env, "CLIP_MODEL": f"local-dir:{trained_model_dir}", "SEARCH_INDEX": str(index),
+    served_index = tmp_path / "served.clipindex"  # rewritten below, so a copy
+    shutil.copyfile(index, served_index)
+    env = {**server_env, "CLIP_MODEL": f"local-dir:{trained_model_dir}", "SEARCH_INDEX": str(served_index),
            "ALLOWED_FILE_ROOTS": str(folder)}
     port = int(env["PORT"])
     base = f"http://127.0.0.1:{port}"
@@ -84,6 +90,19 @@ def test_search_through_clip_sh(server_env, library, trained_model_dir, tmp_path
                          metrics, re.MULTILINE), metrics
         assert 'clip_stage_seconds_count{stage="search"} 2.0' in metrics
         assert 'clip_requests_total{input="text",route="/search",status="200"} 1.0' in metrics
+
+        # indexed again (a smaller folder), then SIGHUP: the worker serves the new index, no restart
+        smaller = tmp_path / "smaller"
+        write_pictures(smaller, ["red", "blue"], 2, fmt="JPEG")
+        new_index = tmp_path / "new.clipindex"
+        index_command(f"local-dir:{trained_model_dir}", smaller, new_index, tmp_path / "cache")
+        os.replace(new_index, served_index)
+        os.kill(process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while (images := requests.get(f"{base}/search/index", timeout=10).json()["index"]["images"]) != 4:
+            assert time.monotonic() < deadline, f"still {images} images 30 s after SIGHUP"
+            time.sleep(0.2)
+        assert process.poll() is None
     finally:
         assert stop(process) == 0
 
