@@ -76,7 +76,7 @@ class OpenVinoEngine:
         preprocess = {key: tuple(value) if isinstance(value, list) else value
                       for key, value in towers.preprocess.items()}
         self.geometry = InputGeometry.from_open_clip(preprocess)
-        self.input_size, self.resize_mode = self.geometry.input_size, self.geometry.resize_mode
+        self.input_size = self.geometry.input_size
         split = split_preprocess(image_transform_v2(PreprocessCfg(**preprocess), is_train=False))
         if split is None:
             raise ModelLoadError(f"CLIP_MODEL={spec.name}: its image transform is not resize, crop and "

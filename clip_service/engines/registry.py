@@ -17,8 +17,6 @@ from clip_service.settings import Settings, openvino_installed
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "openvino")
-
 
 def choose_backend(backend_setting: str, device_setting: str, precision_setting: str) -> str:
     """"torch" or "openvino" for these settings (already validated together by settings.py)."""
