@@ -21,7 +21,7 @@ from clip_service.inputs.images import ImageLimits
 from clip_service.library import indexer, tagger
 from clip_service.library.batches import Summary
 from clip_service.library.errors import LibraryError
-from clip_service.library.photo_index import PhotoIndexError, read_index
+from clip_service.library.photo_index import PhotoIndexError, read_model_index
 from clip_service.library.pipeline import read_image
 from clip_service.library.walk import IMAGE_EXTENSIONS
 from clip_service.ranges import parse_in_range
@@ -258,8 +258,7 @@ def run_search(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     try:
-        index = read_index(args.index)
-        index.check_model(settings.clip_model, model_identity(settings.model_spec))
+        index = read_model_index(args.index, settings.clip_model, model_identity(settings.model_spec))
         engine = load_engine(settings.model_spec, settings.device, settings.precision)
         if args.like is not None:
             limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)

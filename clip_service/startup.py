@@ -12,7 +12,7 @@ import sys
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.spec import model_identity
 from clip_service.engines.weights import fetch_weights
-from clip_service.library.photo_index import PhotoIndexError, read_index
+from clip_service.library.photo_index import PhotoIndexError, read_model_index
 from clip_service.settings import Settings, SettingsError, load_settings
 from clip_service.vocabulary.labels import LabelsError, load_labels, load_templates
 
@@ -26,8 +26,7 @@ def preflight() -> Settings:
     fetch_weights(settings.model_spec)
     if settings.search_index is not None:
         try:
-            index = read_index(settings.search_index)
-            index.check_model(settings.clip_model, model_identity(settings.model_spec))
+            read_model_index(settings.search_index, settings.clip_model, model_identity(settings.model_spec))
         except PhotoIndexError as error:
             raise PhotoIndexError(f"SEARCH_INDEX: {error}") from None
     return settings

@@ -29,7 +29,7 @@ from clip_service.inputs.images import ImageLimits
 from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
-from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_index, write_index
+from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index, write_index
 from clip_service.library.walk import find_pending, record_key
 from clip_service.settings import Settings
 from clip_service.tasks.embed import base64_rows
@@ -67,8 +67,7 @@ def _previous(options: IndexOptions, folder: Path, model: str, identity: str) ->
                                "those gone from the folder), or --overwrite to index the folder again")
         return None
     try:
-        previous = read_index(options.output)
-        previous.check_model(model, identity)
+        previous = read_model_index(options.output, model, identity)
     except PhotoIndexError as error:
         raise LibraryError(str(error)) from None
     if previous.folder != folder:

@@ -114,6 +114,14 @@ def read_index(file: Path) -> PhotoIndex:
                       paths, embeddings)
 
 
+def read_model_index(file: Path, model: str, model_identity: str) -> PhotoIndex:
+    """The index in `file`, for searching with `model` (CLIP_MODEL, and its weights' identity): one
+    made by another model is refused (PhotoIndexError), as every reader of an index must."""
+    index = read_index(file)
+    index.check_model(model, model_identity)
+    return index
+
+
 def _tensor(file: Path, header: dict, name: str, dtype: str, ndim: int, start: int,
             size: int) -> np.ndarray:
     """One tensor of the file, memory-mapped read-only after its place in the file is checked."""

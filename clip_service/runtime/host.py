@@ -18,7 +18,7 @@ from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity, public_model_name
 from clip_service.errors import NotReady
-from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_index
+from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
@@ -168,8 +168,7 @@ def load_photo_index(settings: Settings) -> PhotoIndex:
     Reading every page now puts the vectors in the page cache (shared by the workers), so the first
     search is as fast as the others.
     """
-    index = read_index(settings.search_index)
-    index.check_model(settings.clip_model, model_identity(settings.model_spec))
+    index = read_model_index(settings.search_index, settings.clip_model, model_identity(settings.model_spec))
     float(index.embeddings.sum())  # touch every page
     metrics.SEARCH_INDEX_IMAGES.set(len(index.paths))
     log.info("Photo index %s: %d images of %s", settings.search_index, len(index.paths), index.folder)
