@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clip_service.engines.base import ModelLoadError
-from clip_service.engines.registry import load_engine
+from clip_service.engines.registry import engine_for_settings
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
 from clip_service.library import indexer, tagger
@@ -244,8 +244,7 @@ def run_index(args: argparse.Namespace) -> int:
             folder=args.folder, output=args.output, all_files=args.all_files, resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
             batch_size=args.batch_size or 0)
-        return indexer.run(options, settings, lambda: load_engine(settings.model_spec, settings.device,
-                                                                  settings.precision))
+        return indexer.run(options, settings, lambda: engine_for_settings(settings))
 
     return _run_library(args.quiet, run)
 
@@ -259,7 +258,7 @@ def run_search(args: argparse.Namespace) -> int:
         return 2
     try:
         index = read_model_index(args.index, settings.clip_model, model_identity(settings.model_spec))
-        engine = load_engine(settings.model_spec, settings.device, settings.precision)
+        engine = engine_for_settings(settings)
         if args.like is not None:
             limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
             image, problem = read_image(args.like, limits, engine.input_size)

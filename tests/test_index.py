@@ -246,6 +246,16 @@ def test_index_and_search_commands(trained_model_dir, library, tmp_path):
     assert answer["folder"] == str(library.resolve())
     assert [match["path"].split("/")[0] for match in answer["matches"]] == ["blue"] * 3
 
+    # the commands run the server's engine as the settings choose it (int8 exists only in OpenVINO's)
+    env["CLIP_PRECISION"] = "int8"
+    int8_index = tmp_path / "int8.clipindex"
+    done = run("index", str(library), "-o", str(int8_index))
+    assert done.returncode == 0 and "with OpenVINO" in done.stderr and "in int8" in done.stderr, done.stderr
+    found = run("search", str(int8_index), "a red circle", "-k", "3")
+    assert found.returncode == 0, found.stderr
+    assert all(Path(line.split("\t")[1]).parent == library / "red" for line in found.stdout.splitlines())
+    del env["CLIP_PRECISION"]
+
     env["CLIP_MODEL"] = f"local-dir:{ROOT}"  # not a model folder: a one-line settings error
     refused = run("search", str(output), "red")
     assert refused.returncode == 2 and refused.stderr.startswith("clip-service: CLIP_MODEL=")

@@ -32,8 +32,9 @@ PER_COLOUR = 6
 
 
 def index_command(model: str, folder: Path, output: Path, cache: Path) -> None:
+    # the engine of the test servers (clip_sh_env), so the index holds exactly what their /embed gives
     env = clean_environment({"CLIP_MODEL": model, "CLIP_CACHE_DIR": str(cache), "CLIP_DEVICE": "cpu",
-                             "PYTHONPATH": str(ROOT)})
+                             "CLIP_BACKEND": "torch", "PYTHONPATH": str(ROOT)})
     command = [sys.executable, "-m", "clip_service", "index", str(folder), "-o", str(output), "-q"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
