@@ -147,9 +147,8 @@ class ClipService:
         self.ready_classifier()
         return self.host.photo_index
 
-    def search(self, query: torch.Tensor, k: int) -> list[Match]:
-        """The k indexed images nearest the (D,) unit `query`, best first."""
-        index = self.photo_index()
+    def search(self, index: PhotoIndex, query: torch.Tensor, k: int) -> list[Match]:
+        """The k images of `index` (from photo_index) nearest the (D,) unit `query`, best first."""
         with metrics.timed("search"):
             return best_matches(index.embeddings, index.paths, query.numpy(), k)
 

@@ -59,15 +59,15 @@ def search():
                 raise BadInput("Give q (GET) or a photo (POST), not both")
             data = uploads(1)[0]
             set_input_kind("upload")
-            service.photo_index()  # refuse before decoding when search is off or not ready
+            index = service.photo_index()  # refuse before decoding when search is off or not ready
             query = service.embed_images([service.images.from_upload(data, deadline)], deadline)[0]
         else:
             text = query_text()
             set_input_kind("text")
-            service.photo_index()
+            index = service.photo_index()
             query = service.embed_texts([text], prompts=False, deadline=deadline)[0]
-        matches = service.search(query, k)
-    return jsonify(search_body(matches, service.photo_index(), service.ready_embedder(), elapsed()))
+        matches = service.search(index, query, k)  # one index for the answer: SIGHUP may swap it meanwhile
+    return jsonify(search_body(matches, index, service.ready_embedder(), elapsed()))
 
 
 @search_bp.get("/search/index")
