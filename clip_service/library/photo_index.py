@@ -14,12 +14,13 @@ import functools
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from clip_service.atomic_files import write_atomically
 
 INDEX_FORMAT = "clip-service-photo-index-v1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -70,15 +71,7 @@ def write_index(file: Path, folder: Path, model: str, model_identity: str, paths
                "paths": np.frombuffer(joined, dtype=np.uint8).copy()}
     metadata = {"format": INDEX_FORMAT, "model": model, "model_identity": model_identity,
                 "folder": str(folder), "count": str(len(paths))}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, file)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(file, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def read_index(file: Path) -> PhotoIndex:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from clip_service.atomic_files import write_atomically
 from clip_service.engines.base import TextEncoder
 from clip_service.errors import DeadlineExceeded
 from clip_service.vocabulary.labels import LabelSet
@@ -82,16 +81,9 @@ def _read_cache(path: Path, key: str, count: int) -> torch.Tensor | None:
 def _write_cache(path: Path, key: str, features: torch.Tensor) -> None:
     """Write atomically (temp file + rename); a read-only or full disk only costs the cache."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".label-features-")
-        os.close(handle)
-        try:
-            save_file({"features": features.contiguous()}, temporary,
-                      metadata={"key": key, "sha256": _checksum(features)})
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        metadata = {"key": key, "sha256": _checksum(features)}
+        write_atomically(path, lambda temporary: save_file({"features": features.contiguous()}, temporary,
+                                                           metadata=metadata))
     except OSError as error:
         log.warning("Could not write the label-feature cache %s (%s); it will be recomputed at the "
                     "next start", path, error)
