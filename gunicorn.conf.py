@@ -18,6 +18,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 else:
     _OWN_METRICS_DIR = False
 
+from clip_service.http.current import EXTENSION  # noqa: E402
 from clip_service.http.front_door import door_limits  # noqa: E402
 from clip_service.http.limits import body_limits  # noqa: E402
 from clip_service.startup import preflight_or_exit, worker_count  # noqa: E402
@@ -68,7 +69,7 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    service = worker.wsgi.extensions["clip_service"]
+    service = worker.wsgi.extensions[EXTENSION]
 
     def reload(signum, frame):
         import threading
@@ -81,7 +82,7 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Stop the model's threads first: one still inside torch at exit would abort the worker."""
     if getattr(worker, "wsgi", None) is not None:
-        worker.wsgi.extensions["clip_service"].stop()
+        worker.wsgi.extensions[EXTENSION].stop()
 
 
 def child_exit(server, worker):

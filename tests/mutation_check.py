@@ -251,6 +251,17 @@ MUTANTS = (
         ("tests/test_url_fetch.py",),
     ),
     Mutant(
+        "front-door-uncounts-a-body-twice",
+        "the door's count of the upload bytes it holds drifts with every refused request, until it "
+        "refuses uploads it has room for (or admits more than its limit)",
+        "clip_service/http/front_door.py",
+        "        if conn in self.reading:\n            del self.reading[conn]\n"
+        "            self.poller.unregister(conn.sock)\n            self.buffered -= len(conn.inbox)",
+        "        if conn in self.reading:\n            del self.reading[conn]\n"
+        "            self.poller.unregister(conn.sock)\n        self.buffered -= len(conn.inbox)",
+        ("tests/test_front_door.py::test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading",),
+    ),
+    Mutant(
         "front-door-lets-requests-past-max-queue",
         "gunicorn's front door hands on a request past MAX_QUEUE, so it waits for a thread instead of "
         "getting 503 at once",

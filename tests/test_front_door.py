@@ -9,14 +9,19 @@ from __future__ import annotations
 import collections
 import copy
 import gc
+import logging
+import os
+import selectors
 import socket
 import threading
 import time
+from concurrent import futures
 
 import pytest
 import requests
+from gunicorn.config import Config
 
-from clip_service.http.front_door import parse_head
+from clip_service.http.front_door import DoorConnection, FrontDoorWorker, parse_head
 from tests.support.http_fixtures import free_port
 from tests.support.images import image_bytes
 from tests.support.models import TINY_CONFIG, write_tiny_clip
@@ -86,6 +91,71 @@ def read_answer(sock: socket.socket, timeout: float = 10) -> bytes:
     while chunk := sock.recv(65536):
         answer += chunk
     return answer
+
+
+class DoorUnderTest:
+    """The door's event-loop side, driven by hand on socket pairs: no gunicorn, no app. Requests it
+    hands on wait in `handle` until `release` is set."""
+
+    def __init__(self, max_queue: int, request_timeout: float = 30.0):
+        worker = FrontDoorWorker(0, os.getpid(), [], None, 30, Config(), logging.getLogger("door-test"))
+        worker.max_queue, worker.request_timeout = max_queue, request_timeout
+        worker.tpool = futures.ThreadPoolExecutor(max_queue)
+        worker.light_pool = futures.ThreadPoolExecutor(1)
+        worker.poller = selectors.DefaultSelector()
+        worker.method_queue.init()
+        self.release = threading.Event()
+        worker.handle = lambda conn: self.release.wait(10) and False
+        self.worker, self.clients = worker, []
+
+    def connect(self) -> socket.socket:
+        client, server = socket.socketpair()
+        address = ("127.0.0.1", 1)
+        conn = DoorConnection(self.worker.cfg, server, address, address, self.worker._linger)
+        self.worker.nr_conns += 1
+        self.worker._start_reading(conn, b"")
+        self.clients.append(client)
+        return client
+
+    def turn(self) -> None:
+        """One turn of the event loop: read what arrived, then the deadlines."""
+        for key, _ in self.worker.poller.select(0.2):
+            key.data(key.fileobj)
+        self.worker.murder_pending()
+
+    def close(self) -> None:
+        self.release.set()
+        self.worker.tpool.shutdown()
+        self.worker.light_pool.shutdown()
+        for client in self.clients:
+            client.close()
+
+
+def test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading():
+    """The door refuses uploads once the bodies it holds would pass its buffer limit, so every byte it
+    counts must be uncounted when a request is handed on, refused, cut at its deadline or abandoned."""
+    door = DoorUnderTest(max_queue=1, request_timeout=0.5)
+    upload = b"POST /analyze HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    try:
+        first, second = door.connect(), door.connect()
+        first.sendall(upload)
+        second.sendall(upload)
+        door.turn()
+        assert door.worker.heavy_in_flight == 1, "one request handed on, MAX_QUEUE=1"
+        assert second.recv(4096).startswith(b"HTTP/1.1 503 "), "the other refused"
+        abandoned, late = door.connect(), door.connect()
+        abandoned.sendall(upload[:500])
+        late.sendall(upload[:600])
+        door.turn()
+        assert door.worker.buffered == 1100, "two requests still arriving"
+        abandoned.close()
+        door.turn()
+        time.sleep(0.5)
+        door.turn()
+        assert late.recv(4096).startswith(b"HTTP/1.1 408 ")
+        assert door.worker.buffered == 0 and not door.worker.reading
+    finally:
+        door.close()
 
 
 @pytest.mark.system

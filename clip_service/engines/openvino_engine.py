@@ -15,12 +15,12 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
 
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
+from clip_service.engines.from_spec import EngineFromSpec
 from clip_service.engines.openvino_export import START_STATES, ExportedTowers, cached_towers
 from clip_service.engines.openvino_import import ov
-from clip_service.engines.preprocess import InputGeometry, model_input_pixels
+from clip_service.engines.preprocess import InputGeometry
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.text_prefix import shared_prefix_length
 from clip_service.engines.tokens import encode_in_length_batches, end_of_text_lengths
@@ -48,7 +48,7 @@ def resolve_precision(setting: str, core: ov.Core) -> str:
     return setting
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(EngineFromSpec):
     """Both towers of one model compiled by OpenVINO for the CPU (the Engine protocol)."""
 
     backend = BACKEND
@@ -83,19 +83,6 @@ class OpenVinoEngine:
                                  "normalise; use CLIP_BACKEND=torch")
         self._pil_steps = split[0]
         self.logit_scale, self.logit_bias = towers.logit_scale, towers.logit_bias
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def weights_source(self) -> str:
-        return self.spec.weights_source
-
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image -> the model's input, resized and cropped: (3, H, W) uint8."""
-        pixels = model_input_pixels(image, self.geometry, self._pil_steps)
-        return torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 from `prepare` -> (N, D) unit float32 on the CPU."""

@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
-from clip_service.engines.preprocess import InputGeometry, model_input_pixels
+from clip_service.engines.from_spec import EngineFromSpec
+from clip_service.engines.preprocess import InputGeometry
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.tokens import encode_in_length_batches
 from clip_service.engines.weights import weights_error
@@ -91,7 +92,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class TorchEngine:
+class TorchEngine(EngineFromSpec):
     """One loaded open_clip model on its torch device (the Engine protocol)."""
 
     backend = BACKEND
@@ -126,20 +127,11 @@ class TorchEngine:
             bias = getattr(model, "logit_bias", None)
             self.logit_bias = float(bias) if bias is not None else None
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def weights_source(self) -> str:
-        return self.spec.weights_source
-
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> the model's input, resized and cropped: (3, H, W), uint8 when possible."""
         if self._pil_steps is None:
             return self.preprocess_transform(image)
-        pixels = model_input_pixels(image, self.geometry, self._pil_steps)
-        return torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return super().prepare(image)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own full transform: (3, H, W) float, normalised. The reference path."""

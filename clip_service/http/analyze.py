@@ -8,23 +8,19 @@ is `?url=`, `/v2/analyze_file?file_path=` is `?file=`. A POST may carry the imag
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from clip_service.errors import BadInput
 from clip_service.http.bodies import analyze_body, batch_body
+from clip_service.http.current import current_service
 from clip_service.http.errors import elapsed
 from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import parse_options, single_value
-from clip_service.service import ClipService
 
 analyze_bp = Blueprint("analyze", __name__)
 
 RAW_BODY_TYPES = ("image/", "application/octet-stream")
-
-
-def _service() -> ClipService:
-    return current_app.extensions["clip_service"]
 
 
 def _raw_body() -> bool:
@@ -50,7 +46,7 @@ def uploads(most: int) -> list[bytes]:
 
 def _analyze(url_name: str | None, file_name: str | None):
     """/analyze with the query names of the URL and server-file inputs (None: not taken here)."""
-    service = _service()
+    service = current_service()
     with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         url = single_value(request.args.getlist, url_name) if url_name else None
         path = single_value(request.args.getlist, file_name) if file_name else None
@@ -99,7 +95,7 @@ def analyze_file_v2():
 
 @analyze_bp.post("/analyze/batch")
 def analyze_batch():
-    service = _service()
+    service = current_service()
     with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         if _raw_body():
             raise BadInput("POST /analyze/batch needs a multipart/form-data body with one field named "

@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from clip_service.engines.base import Engine
 from clip_service.http.access import install_access_control
 from clip_service.http.analyze import analyze_bp
+from clip_service.http.current import EXTENSION
 from clip_service.http.embed import embed_bp
 from clip_service.http.errors import errors_bp
 from clip_service.http.limits import MULTIPART_OVERHEAD, body_limits
@@ -42,7 +43,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     app.json.ensure_ascii = False  # emoji as characters, not \u escapes
     app.json.sort_keys = False
     service = ClipService(settings, engine=engine)
-    app.extensions["clip_service"] = service
+    app.extensions[EXTENSION] = service
     install_request_logging(app)  # first: its clock must start before any other hook runs
 
     @app.before_request

@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from clip_service.errors import BadInput
 from clip_service.http.analyze import uploads
 from clip_service.http.bodies import embed_body
+from clip_service.http.current import current_service
 from clip_service.http.errors import elapsed
 from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import check_text_budget, single_value
-from clip_service.service import ClipService
 from clip_service.tasks.embed import ENCODINGS
 
 embed_bp = Blueprint("embed", __name__)
@@ -97,13 +97,9 @@ def json_object() -> object:
         raise BadInput("The JSON body is nested too deeply; send {\"texts\": [...]}") from None
 
 
-def _service() -> ClipService:
-    return current_app.extensions["clip_service"]
-
-
 @embed_bp.route("/embed", methods=["GET", "POST"])
 def embed():
-    service = _service()
+    service = current_service()
     with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         url = single_value(request.args.getlist, "url")
         path = single_value(request.args.getlist, "file")

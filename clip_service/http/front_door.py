@@ -283,7 +283,7 @@ class FrontDoorWorker(gthread.ThreadWorker):
             if self.heavy_in_flight >= self.max_queue:
                 self._refuse(conn, 503, f"The service is busy ({self.heavy_in_flight} requests in "
                                         f"progress, MAX_QUEUE={self.max_queue}); retry shortly",
-                             retry_after=1, registered=False)
+                             retry_after=1)
                 return
             self.heavy_in_flight += 1
             conn.heavy = True
@@ -298,15 +298,16 @@ class FrontDoorWorker(gthread.ThreadWorker):
         super().finish_request(conn, fs)
 
     def _forget(self, conn: DoorConnection) -> None:
-        """Stop reading this connection in the event loop (it is handed on or closed)."""
-        if self.reading.pop(conn, False) is None:
+        """Stop reading this connection in the event loop (it is handed on or closed); `buffered`
+        counts the inboxes of the connections being read, so forgetting twice changes nothing."""
+        if conn in self.reading:
+            del self.reading[conn]
             self.poller.unregister(conn.sock)
-        self.buffered -= len(conn.inbox)
+            self.buffered -= len(conn.inbox)
 
-    def _refuse(self, conn: DoorConnection, status: int, message: str, retry_after: int | None = None,
-                registered: bool = True) -> None:
-        if registered:
-            self._forget(conn)
+    def _refuse(self, conn: DoorConnection, status: int, message: str,
+                retry_after: int | None = None) -> None:
+        self._forget(conn)
         conn.inbox = bytearray()
         self._send_quietly(conn.sock, error_answer(status, message, time.monotonic() - conn.arrived,
                                                    retry_after))

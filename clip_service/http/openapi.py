@@ -10,8 +10,9 @@ The JSON shapes are exact (`additionalProperties: false`): a key the code adds m
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
+from clip_service.http.current import current_service
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
 from clip_service.http.page import ASSETS
 from clip_service.http.search import MAX_QUERY_CHARACTERS
@@ -577,4 +578,4 @@ def openapi_description(settings: Settings | None = None) -> dict:
 
 @openapi_bp.get("/openapi.json")
 def openapi_json():
-    return jsonify(openapi_description(current_app.extensions["clip_service"].settings))
+    return jsonify(openapi_description(current_service().settings))

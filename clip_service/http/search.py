@@ -6,27 +6,23 @@ Paths in answers are relative to the indexed folder: the server's own paths are 
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from clip_service.errors import BadInput
 from clip_service.http.analyze import uploads
 from clip_service.http.bodies import index_body, search_body
+from clip_service.http.current import current_service
 from clip_service.http.errors import elapsed
 from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import single_value
 from clip_service.ranges import parse_in_range
-from clip_service.service import ClipService
 from clip_service.tasks.search import DEFAULT_RESULTS, MAX_RESULTS
 
 search_bp = Blueprint("search", __name__)
 
 MAX_QUERY_CHARACTERS = 300
 THUMBNAIL_CACHE = "private, max-age=3600"  # an indexed photo changes rarely; the browser keeps it
-
-
-def _service() -> ClipService:
-    return current_app.extensions["clip_service"]
 
 
 def results_wanted() -> int:
@@ -51,7 +47,7 @@ def query_text() -> str:
 
 @search_bp.route("/search", methods=["GET", "POST"])
 def search():
-    service = _service()
+    service = current_service()
     with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         k = results_wanted()
         if request.method == "POST":
@@ -72,13 +68,13 @@ def search():
 
 @search_bp.get("/search/index")
 def index_info():
-    service = _service()
+    service = current_service()
     return jsonify(index_body(service.photo_index()))
 
 
 @search_bp.get("/search/thumbnail")
 def thumbnail():
-    service = _service()
+    service = current_service()
     with service.admission.admitted(request.environ.get(ARRIVED_KEY)):
         path = single_value(request.args.getlist, "path")
         if not path:

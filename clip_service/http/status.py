@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from clip_service import metrics
 from clip_service.http.bodies import health_body, labels_body
+from clip_service.http.current import current_service
 
 status_bp = Blueprint("status", __name__)
 
 
 @status_bp.get("/health")
 def health():
-    body = health_body(current_app.extensions["clip_service"])
+    body = health_body(current_service())
     return jsonify(body), 200 if body["status"] == "healthy" else 503
 
 
 @status_bp.get("/labels")
 def labels():
-    return jsonify(labels_body(current_app.extensions["clip_service"]))
+    return jsonify(labels_body(current_service()))
 
 
 @status_bp.get("/metrics")

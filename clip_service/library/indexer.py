@@ -31,6 +31,7 @@ from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index, write_index
 from clip_service.library.walk import find_pending, record_key
+from clip_service.runtime.cores import map_on_cores
 from clip_service.settings import Settings
 from clip_service.tasks.embed import base64_rows
 
@@ -94,7 +95,7 @@ def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limi
                 journal, tag: str, summary: Summary) -> None:
     """Embed the pending files a batch at a time, appending each batch to the journal when done."""
     def batch(images) -> list[torch.Tensor]:
-        return list(engine.encode_images(torch.stack([engine.prepare(image) for image in images])))
+        return list(engine.encode_images(torch.stack(map_on_cores(engine.prepare, images))))
 
     def write(done: list[tuple[Path, torch.Tensor]]) -> None:
         vectors = base64_rows(torch.stack([vector for _, vector in done]))
