@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import shutil
 
 import open_clip
@@ -49,6 +50,18 @@ def test_local_dir_without_weights_is_refused(tiny_model_dir, tmp_path):
     folder.mkdir()
     shutil.copy(tiny_model_dir / "open_clip_config.json", folder)
     with pytest.raises(ValueError, match="holds no weights.*never served"):
+        parse_model_spec(f"local-dir:{folder}")
+
+
+def test_local_dir_weights_the_service_cannot_read_are_named(tiny_model_dir, tmp_path, monkeypatch):
+    """open_clip reports a weights file it may not read as missing; the operator needs to hear why."""
+    folder = tmp_path / "unreadable"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "open_clip_model.safetensors").chmod(0)
+    if os.geteuid() == 0:  # root reads anything: answer as the unprivileged service user would
+        monkeypatch.setattr(os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o444))
+    with pytest.raises(ValueError, match=r"open_clip_model.safetensors cannot be read by the user the "
+                                         r"service runs as \(uid \d+\); give that user read access"):
         parse_model_spec(f"local-dir:{folder}")
 
 

@@ -7,6 +7,7 @@ the ARCH:PRETRAINED form asks open_clip (and so torch) for its list of pretraine
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,12 @@ def _checked_folder(raw: str, name: str) -> Path:
     if not weight_files(folder):
         raise ModelSpecError(f"CLIP_MODEL={raw} holds no weights (open_clip_model.safetensors); a "
                              "randomly initialised model is never served")
+    unreadable = [path.name for path in [folder / "open_clip_config.json", *weight_files(folder)]
+                  if not os.access(path, os.R_OK)]
+    if unreadable:  # open_clip would report a file it cannot read as one that is not there
+        raise ModelSpecError(f"CLIP_MODEL={raw}: {', '.join(unreadable)} cannot be read by the user the "
+                             f"service runs as (uid {os.getuid()}); give that user read access "
+                             "(for example chmod o+r, or a group it belongs to)")
     return folder.resolve()
 
 
