@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import clip_service
 from clip_service.http.app import MULTIPART_OVERHEAD, create_app
+from clip_service.http.current import EXTENSION, current_service
 from clip_service.service import ClipService
 from tests.support.engines import EngineWrapper
 from tests.support.images import image_bytes
@@ -42,7 +43,9 @@ def test_routes_are_exactly_the_api_and_the_page_files_no_general_static_route(a
 def test_a_given_engine_is_used_as_it_is(make_app, settings, tiny_engine):
     engine = EngineWrapper(tiny_engine)
     app = make_app(settings, engine=engine)
-    assert app.extensions["clip_service"].classifier.engine is engine
+    with app.app_context():
+        assert current_service() is app.extensions[EXTENSION]
+    assert app.extensions[EXTENSION].classifier.engine is engine
     response = app.test_client().post("/analyze", data={"file": (io.BytesIO(png()), "x.png")})
     assert_success(response)
     assert engine.batches == [1]

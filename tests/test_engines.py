@@ -1,4 +1,5 @@
-"""The Engine protocol as the torch engine fills it, and what CLIP_MODEL errors say."""
+"""The Engine protocol as the torch engine fills it (engines/from_spec.py: what every engine answers
+alike), and what CLIP_MODEL errors say."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch
 from PIL import Image
 
 from clip_service.engines.base import EngineOutOfMemory
+from clip_service.engines.from_spec import EngineFromSpec
+from clip_service.engines.preprocess import model_input_pixels
 from clip_service.engines.registry import default_batch_size
-from clip_service.engines.spec import ModelSpecError, parse_model_spec
+from clip_service.engines.spec import ModelSpec, ModelSpecError, parse_model_spec
 
 
 def test_engine_describes_itself_without_torch_types(tiny_engine, tiny_model_dir):
@@ -17,6 +20,23 @@ def test_engine_describes_itself_without_torch_types(tiny_engine, tiny_model_dir
     assert tiny_engine.weights_source == "OpenCLIP" and tiny_engine.name == f"local-dir:{tiny_model_dir}"
     assert tiny_engine.input_size == (64, 64)
     assert default_batch_size(tiny_engine) == 8
+
+
+def test_every_engine_takes_its_names_and_input_step_from_its_spec(tiny_engine):
+    """EngineFromSpec, as the torch engine (and the OpenVINO one) inherit it: names from the ModelSpec,
+    the input as (3, H, W) uint8 of exactly the pixels of the one-step crop."""
+    class Minimal(EngineFromSpec):
+        spec, geometry = ModelSpec("ViT-B/32", "ViT-B-32-quickgelu", "openai"), tiny_engine.geometry
+        _pil_steps = staticmethod(lambda image: image.resize((64, 64)))
+
+    engine = Minimal()
+    assert (engine.name, engine.weights_source) == ("ViT-B/32", "OpenAI")
+    photo = Image.effect_mandelbrot((160, 90), (-2, -1, 1, 1), 50).convert("RGB")
+    pixels = engine.prepare(photo)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+    expected = torch.from_numpy(model_input_pixels(photo, engine.geometry, engine._pil_steps))
+    assert torch.equal(pixels.permute(1, 2, 0), expected)
+    assert torch.equal(tiny_engine.prepare(photo), pixels), "the torch engine's input step is this one"
 
 
 def test_out_of_memory_becomes_the_backend_neutral_error(tiny_engine, monkeypatch):

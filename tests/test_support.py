@@ -26,12 +26,14 @@ TEST_MODULE = ("test_", "conftest")
 TESTED_IN = {
     "__main__.py": "test_tagger.py", "cli.py": "test_tagger.py",
     "engines/base.py": "test_engines.py", "engines/registry.py": "test_engines.py",
-    "engines/spec.py": "test_engines.py", "engines/torch_engine.py": "test_model.py",
+    "engines/spec.py": "test_engines.py", "engines/from_spec.py": "test_engines.py",
+    "engines/torch_engine.py": "test_model.py",
     "engines/openvino_export.py": "test_openvino_engine.py", "engines/openvino_import.py":
     "test_openvino_engine.py", "engines/text_prefix.py": "test_openvino_engine.py",
     "engines/tokens.py": "test_openvino_engine.py",
     "engines/weights.py": "test_model.py",
-    "http/analyze.py": "test_routes.py", "http/errors.py": "test_http_errors.py",
+    "http/analyze.py": "test_routes.py", "http/current.py": "test_app.py",
+    "http/errors.py": "test_http_errors.py",
     "http/logs.py": "test_observability.py", "http/page.py": "test_web.py",
     "inputs/images.py": "test_image_input.py", "inputs/thumbnails.py": "test_search.py",
     "library/batches.py": "test_index.py", "library/indexer.py": "test_index.py",
