@@ -68,16 +68,18 @@ def test_all_files_go_through_one_forward_pass_even_past_batch_max_size(app, cli
 
 def test_options_apply_to_every_file(client):
     datas = [image_bytes(colour=colour) for colour in COLOURS[:2]]
-    answer = client.post("/analyze/batch?labels=cat,dog,red fox&limit=2", **files(*datas))
-    for result in batch_results(answer):
+    limited = batch_results(client.post("/analyze/batch?labels=cat,dog,red fox&limit=2", **files(*datas)))
+    grouped = batch_results(client.post("/analyze/batch", data={
+        "file": [(io.BytesIO(data), "x.png") for data in datas], "groups": "foods"},
+        content_type="multipart/form-data"))
+    nothing = batch_results(client.post("/analyze/batch?threshold=1", **files(*datas)))
+    assert len(limited) == len(grouped) == len(nothing) == 2, "a result per file"
+    for result in limited:
         assert len(result["predictions"]) == 2
         assert {p["label"] for p in result["predictions"]} <= {"cat", "dog", "red fox"}
-    for result in batch_results(client.post("/analyze/batch", data={
-            "file": [(io.BytesIO(data), "x.png") for data in datas], "groups": "foods"},
-            content_type="multipart/form-data")):
+    for result in grouped:
         assert {p["label"] for p in result["predictions"]} == {"banana", "coffee", "pizza"}
-    for result in batch_results(client.post("/analyze/batch?threshold=1", **files(*datas))):
-        assert result["predictions"] == []
+    assert [result["predictions"] for result in nothing] == [[], []]
 
 
 def test_only_bad_files_is_still_an_answer_per_file(client):

@@ -11,6 +11,7 @@ import torch
 from clip_service.engines.base import EngineOutOfMemory
 from clip_service.errors import DeadlineExceeded, OutOfMemory, ShuttingDown
 from clip_service.runtime.batching import MicroBatcher
+from tests.support.waiting import wait_for
 
 
 def item(value: float) -> torch.Tensor:
@@ -175,9 +176,10 @@ def test_groups_share_a_pass_only_when_both_fit(batchers):
         time.sleep(0.01)
     others = [threading.Thread(target=submit, args=(name, values)) for name, values in
               (("a", (2.0, 3.0)), ("b", (4.0, 5.0, 6.0)), ("c", (7.0,)))]
-    for thread in others:
+    for queued, thread in enumerate(others, start=1):
         thread.start()
-        time.sleep(0.05)  # queued in this order
+        # queued in this order: the next starts only once this one waits in the batcher's queue
+        assert wait_for(lambda queued=queued: batcher._queue.qsize() == queued, interval=0.005)
     gate.set()
     for thread in [first, *others]:
         thread.join(10)

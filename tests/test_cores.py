@@ -12,20 +12,16 @@ from clip_service.runtime import cores
 
 def test_results_keep_their_order_and_the_work_runs_side_by_side(monkeypatch):
     monkeypatch.setattr(cores.os, "cpu_count", lambda: 4)
-    running, most = [0], [0]
-    lock = threading.Lock()
+    side_by_side = threading.Barrier(4, timeout=10)  # broken unless four items run at once
 
     def slow_square(value: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
+        if value < 4:
+            side_by_side.wait()
+        time.sleep(0.01)
         return value * value
 
     assert cores.map_on_cores(slow_square, list(range(8))) == [value * value for value in range(8)]
-    assert most[0] == 4
+    assert not side_by_side.broken
 
 
 def test_one_core_or_one_item_stays_on_the_calling_thread(monkeypatch):

@@ -115,5 +115,5 @@ def test_a_broken_service_fails_the_orchestrators_health_check(server_env, tmp_p
         response = post_image_bytes(f"http://127.0.0.1:{port}/v3/analyze", image_bytes("JPEG"))
         assert response.status_code == 503 and response.json()["status"] == "error"
     finally:
-        stop(process)
-    assert not check_service_health("127.0.0.1", port), "no answer at all is unhealthy too"
+        stopped = stop(process)
+    assert stopped == 0, "a service whose model failed still stops cleanly"

@@ -197,12 +197,20 @@ def test_bad_image_inputs_are_refused_naming_the_file(make_app, settings):
 
 
 def test_not_ready_is_503_before_anything_is_encoded(make_app, settings, tiny_engine):
-    engine = GatedEngine(tiny_engine)
+    asked = []  # every encode_texts call, recorded before it waits at the gate
+
+    class Recording(GatedEngine):
+        def encode_texts(self, texts):
+            asked.append(list(texts))
+            return super().encode_texts(texts)
+
+    engine = Recording(tiny_engine)
     app = make_app(settings, engine=engine, wait=False)
     try:
         response = app.test_client().get("/embed?text=cat")
         assert_error(response, 503, "still loading")
         assert response.headers["Retry-After"]
+        assert ["cat"] not in asked and engine.batches == [], "the request encoded nothing"
     finally:
         engine.gate.set()
         assert app.extensions["clip_service"].wait_until_settled(30)  # no load left running at exit

@@ -150,6 +150,7 @@ def test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading():
         assert door.worker.buffered == 1100, "two requests still arriving"
         abandoned.close()
         door.turn()
+        assert door.worker.buffered == 600 and len(door.worker.reading) == 1, "the abandoned one uncounted"
         time.sleep(0.5)
         door.turn()
         assert late.recv(4096).startswith(b"HTTP/1.1 408 ")
