@@ -271,7 +271,7 @@ def run_search(args: argparse.Namespace) -> int:
     except (PhotoIndexError, SettingsError, ModelLoadError) as error:
         _say(str(error))
         return 2
-    matches = best_matches(index.embeddings, index.paths, query.numpy(), args.k)
+    matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k)
     if args.json:
         print(json.dumps({"folder": str(index.folder),
                           "matches": [{"path": match.path, "score": match.score} for match in matches]},

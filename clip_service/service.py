@@ -150,15 +150,16 @@ class ClipService:
     def search(self, index: PhotoIndex, query: torch.Tensor, k: int) -> list[Match]:
         """The k images of `index` (from photo_index) nearest the (D,) unit `query`, best first."""
         with metrics.timed("search"):
-            return best_matches(index.embeddings, index.paths, query.numpy(), k)
+            return best_matches(index.embeddings, index.shown_paths, query.numpy(), k)
 
     def thumbnail(self, path: str) -> bytes:
         """A small JPEG of an indexed image; only paths the index holds, read beneath its folder."""
         index = self.photo_index()
-        if path not in index.row_of:
+        row = index.row_of_shown.get(path)
+        if row is None:
             raise NotFound(f"{path[:200]} is not in the photo index")
         with metrics.timed("thumbnail"):
-            return thumbnail_jpeg(index.folder, path, self.images.limits)
+            return thumbnail_jpeg(index.folder, index.paths[row], self.images.limits)
 
     def _draft_size(self) -> tuple[int, int] | None:
         classifier = self.classifier

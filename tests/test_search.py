@@ -223,3 +223,29 @@ def test_thumbnails_need_the_key_like_every_route(make_app, search_settings):
     assert answer.status_code == 200
     foreign = {"Authorization": "Bearer k3y", "Sec-Fetch-Site": "cross-site"}  # another site's <img>
     assert client.get("/search/thumbnail?path=red/0.png", headers=foreign).status_code == 403
+
+
+def test_file_names_that_are_not_utf8_or_hold_line_separators_are_searched_and_shown(
+        make_app, settings, trained_model_dir, tmp_path):
+    """A Latin-1 name (copied from an old share) and names holding U+2028 or U+0085: the index is
+    made (its journal is read back line by line), /search shows each name as UTF-8 can carry it, and
+    a thumbnail is had for exactly what was shown."""
+    folder = tmp_path / "odd"
+    write_pictures(folder, ["green", "blue"], 2)
+    names = [b"caf\xe9.png", "holiday\u2028beach.png".encode(), "x\u0085y.png".encode()]
+    for seed, name in enumerate(names):
+        draw_picture("red", "circle", 96, seed=500 + seed).save(os.path.join(os.fsencode(folder), name),
+                                                                  "PNG")
+    engine = load_engine(parse_model_spec(f"local-dir:{trained_model_dir}"), "cpu", "fp32")
+    index_file = tmp_path / "odd.clipindex"
+    model = f"local-dir:{trained_model_dir}"
+    summary = indexer.run(IndexOptions(folder, index_file), Settings(clip_model=model), lambda: engine)
+    assert (summary.processed, summary.exit_code) == (7, 0) and index_file.exists()
+    client = make_app(dataclasses.replace(settings, clip_model=model, search_index=index_file)).test_client()
+    response = client.get("/search", query_string={"q": "a red circle", "k": 3})
+    assert response.status_code == 200, response.data[:300]
+    shown = sorted(match["path"] for match in response.get_json()["matches"])
+    assert shown == ["caf\\xe9.png", "holiday\u2028beach.png", "x\u0085y.png"]
+    for path in shown:
+        thumbnail = client.get("/search/thumbnail", query_string={"path": path})
+        assert thumbnail.status_code == 200 and thumbnail.mimetype == "image/jpeg", path

@@ -80,10 +80,18 @@ def _previous(options: IndexOptions, folder: Path, model: str, identity: str) ->
 def _journal_records(journal: Path, tag: str) -> dict[str, np.ndarray]:
     """path -> embedding of every whole record in the journal, later records winning."""
     found: dict[str, np.ndarray] = {}
-    for line in journal.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+    # split at "\n" only: a file name may hold U+2028 or U+0085, which json.dumps leaves as they are
+    lines = journal.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # the last write, cut short by the interruption
+                break
+            raise LibraryError(f"{journal}: line {number} is not a journal record; pass --overwrite to "
+                               "start again") from None
         if record.get("model") != tag:
             raise LibraryError(f"{journal} holds embeddings of another model; pass --overwrite to start "
                                "again")

@@ -49,6 +49,16 @@ class PhotoIndex:
     def row_of(self) -> dict[str, int]:
         return {path: row for row, path in enumerate(self.paths)}
 
+    @functools.cached_property
+    def shown_paths(self) -> tuple[str, ...]:
+        """The paths as answers show them (JSON, a terminal): see shown_path."""
+        return tuple(shown_path(path) for path in self.paths)
+
+    @functools.cached_property
+    def row_of_shown(self) -> dict[str, int]:
+        """A path as an answer showed it -> its row, so a client can ask for what it was shown."""
+        return {path: row for row, path in enumerate(self.shown_paths)}
+
     def check_model(self, model: str, model_identity: str) -> None:
         """Refuse to compare this index's vectors with another model's: they mean nothing to each other."""
         if model_identity == self.model_identity:
@@ -59,6 +69,12 @@ class PhotoIndex:
             f"{'' if same_name else f', and this uses CLIP_MODEL={model}'}; an index only works with the "
             f"model that made it: index again with `python -m clip_service index {self.folder} -o "
             f"{self.file} --overwrite`{'' if same_name else f', or set CLIP_MODEL={self.model}'}")
+
+
+def shown_path(path: str) -> str:
+    r"""A file name as answers can carry it: os.fsdecode keeps the bytes of a name that is not UTF-8 as
+    lone surrogates, which UTF-8 cannot encode; they are shown as \xNN (b"caf\xe9.png" as caf\xe9.png)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_index(file: Path, folder: Path, model: str, model_identity: str, paths: list[str],
