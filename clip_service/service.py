@@ -15,7 +15,7 @@ from PIL import Image
 
 from clip_service import metrics
 from clip_service.engines.base import Engine
-from clip_service.errors import NotFound, ServiceError
+from clip_service.errors import NotFound, NotReady, ServiceError
 from clip_service.inputs.sources import ImageSources
 from clip_service.inputs.thumbnails import thumbnail_jpeg
 from clip_service.library.photo_index import PhotoIndex
@@ -145,7 +145,11 @@ class ClipService:
             raise NotFound("Photo search is off: the operator sets SEARCH_INDEX to an index made with "
                            "python -m clip_service index FOLDER -o INDEX")
         self.ready_classifier()
-        return self.host.photo_index
+        index = self.host.photo_index
+        if index is None:
+            raise NotReady("Photo search is unavailable: this worker could not read its photo index (the "
+                           "service's log says why); the operator indexes again and sends SIGHUP")
+        return index
 
     def search(self, index: PhotoIndex, query: torch.Tensor, k: int) -> list[Match]:
         """The k images of `index` (from photo_index) nearest the (D,) unit `query`, best first."""

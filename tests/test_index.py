@@ -206,6 +206,24 @@ def test_a_damaged_index_is_refused_and_odd_names_survive(tmp_path):
         read_index(path)
 
 
+@pytest.mark.parametrize("header", [
+    {"__metadata__": {"format": "clip-service-photo-index-v1", "model": "m", "model_identity": "i"}},
+    {"__metadata__": {"format": "clip-service-photo-index-v1", "folder": ["x"], "model": "m",
+                      "model_identity": "i"}},
+    "[" * 100_000 + "]" * 100_000,
+], ids=["no-folder", "folder-not-text", "nested-100000-deep"])
+def test_a_crafted_index_header_is_refused_as_damaged(tmp_path, header):
+    """Whoever can write the index file must not crash the reader with anything but PhotoIndexError."""
+    path = tmp_path / "crafted.clipindex"
+    text = header if isinstance(header, str) else json.dumps({
+        **header, "embeddings": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
+        "paths": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}})
+    data = text.encode()
+    path.write_bytes(len(data).to_bytes(8, "little") + data)
+    with pytest.raises(PhotoIndexError, match="damaged or not a photo index"):
+        read_index(path)
+
+
 # --- the commands ---------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,8 +21,9 @@ from clip_service.inputs.images import ImageLimits
 from clip_service.inputs.thumbnails import thumbnail_jpeg
 from clip_service.library import indexer
 from clip_service.library.indexer import IndexOptions
+from clip_service.library.photo_index import read_index, write_index
 from clip_service.settings import Settings
-from tests.support.responses import assert_error
+from tests.support.responses import assert_error, assert_success
 from tests.support.trained_clip import COLOURS, draw_picture, write_pictures
 
 PER_COLOUR = 6
@@ -170,6 +172,35 @@ def test_sighup_reloads_a_rewritten_index_and_keeps_the_old_one_when_the_new_is_
     assert "was not reloaded" in caplog.text
 
 
+def test_an_index_gone_bad_before_a_worker_starts_costs_search_only_until_sighup(
+        make_app, search_settings, indexed, tmp_path, caplog):
+    """The master checks SEARCH_INDEX once; a worker restarting later may find it damaged, or of
+    another shape: it classifies as before, /search says why it cannot answer, SIGHUP mends it."""
+    live = tmp_path / "live.clipindex"
+    live.write_bytes(b"not an index")
+    app = make_app(dataclasses.replace(search_settings, search_index=live))
+    client, service = app.test_client(), app.extensions["clip_service"]
+    assert client.get("/health").status_code == 200
+    assert_success(client.post("/analyze", data={"file": (io.BytesIO(png(draw_picture("red", "circle"))),
+                                                          "x.png")}, content_type="multipart/form-data"))
+    message = assert_error(client.get("/search?q=red"), 503, "Photo search is unavailable",
+                           "indexes again and sends SIGHUP")
+    assert str(tmp_path) not in message
+    assert "Photo search is unavailable until the index is mended" in caplog.text
+    foreign = tmp_path / "foreign.clipindex"  # this model's name and weights, vectors of another width
+    original = read_index(indexed[1])
+    write_index(foreign, original.folder, original.model, original.model_identity, list(original.paths),
+                np.zeros((len(original.paths), 7), dtype=np.float32))
+    os.replace(foreign, live)
+    service.reload()
+    assert_error(client.get("/search?q=red"), 503, "Photo search is unavailable")
+    assert "holds 7-dimensional vectors" in caplog.text
+    live.write_bytes(indexed[1].read_bytes())
+    service.reload()
+    found = matches_of(client.get("/search", query_string={"q": "a red circle", "k": 3}))
+    assert colours(found) == ["red"] * 3
+
+
 @pytest.mark.parametrize("kind", ["folder", "fifo"])
 def test_an_unreadable_entry_names_only_the_clients_path_however_long_the_folder(tmp_path, kind):
     """The server's folder may be longer than error messages quote (they shorten paths): still hidden."""
@@ -209,11 +240,13 @@ def test_search_off_is_404_naming_the_setting(make_app, settings):
         assert_error(response, 404, "Photo search is off", "SEARCH_INDEX")
 
 
-def test_an_index_of_another_model_fails_the_load_clearly(make_app, settings, indexed):
-    app = make_app(dataclasses.replace(settings, search_index=indexed[1]))  # the tiny model
-    health = app.test_client().get("/health")
-    assert health.status_code == 503 and health.get_json()["model_status"] == "failed"
-    assert "was indexed with CLIP_MODEL=" in health.get_json()["error"]
+def test_an_index_of_another_model_is_named_in_the_log_and_search_is_unavailable(make_app, settings,
+                                                                                indexed, caplog):
+    """Start-up refuses it (test_startup.py); a worker that meets one later classifies without search."""
+    client = make_app(dataclasses.replace(settings, search_index=indexed[1])).test_client()  # the tiny model
+    assert client.get("/health").status_code == 200
+    assert_error(client.get("/search?q=red"), 503, "Photo search is unavailable")
+    assert "was indexed with CLIP_MODEL=" in caplog.text
 
 
 def test_thumbnails_need_the_key_like_every_route(make_app, search_settings):

@@ -107,20 +107,21 @@ def read_index(file: Path) -> PhotoIndex:
             start = 8 + header_size
             embeddings = _tensor(file, header, "embeddings", "F32", 2, start, size)
             path_bytes = _tensor(file, header, "paths", "U8", 1, start, size)
+            data = bytes(path_bytes)
+            paths = tuple(os.fsdecode(part) for part in data.split(b"\0")) if data else ()
+            if len(paths) != len(embeddings):
+                raise PhotoIndexError(f"{file} is damaged: {len(paths)} paths for {len(embeddings)} "
+                                      "embeddings")
+            return PhotoIndex(file.resolve(), Path(metadata["folder"]), str(metadata["model"]),
+                              str(metadata["model_identity"]), paths, embeddings)
     except FileNotFoundError:
         raise PhotoIndexError(f"{file} does not exist; make it with python -m clip_service index FOLDER "
                               f"-o {file}") from None
     except OSError as error:
         raise PhotoIndexError(f"{file} cannot be read: {error.strerror}") from None
-    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error):
         raise PhotoIndexError(f"{file} is damaged or not a photo index; make it again with python -m "
                               "clip_service index") from None
-    data = bytes(path_bytes)
-    paths = tuple(os.fsdecode(part) for part in data.split(b"\0")) if data else ()
-    if len(paths) != len(embeddings):
-        raise PhotoIndexError(f"{file} is damaged: {len(paths)} paths for {len(embeddings)} embeddings")
-    return PhotoIndex(file.resolve(), Path(metadata["folder"]), metadata["model"], metadata["model_identity"],
-                      paths, embeddings)
 
 
 def read_model_index(file: Path, model: str, model_identity: str) -> PhotoIndex:

@@ -87,9 +87,10 @@ class ModelHost:
         if self.settings.search_index is None or self.status != LOADED:
             return False
         try:
-            index = load_photo_index(self.settings)
+            index = load_photo_index(self.settings, self.classifier.vocabulary.features.shape[1])
         except PhotoIndexError as error:
-            log.warning("The photo index was not reloaded; the one loaded before keeps serving: %s", error)
+            log.warning("The photo index was not reloaded; %s: %s", "the one loaded before keeps serving"
+                        if self.photo_index else "photo search stays unavailable", error)
             return False
         self.photo_index = index
         return True
@@ -134,7 +135,12 @@ class ModelHost:
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
         if settings.search_index is not None:
-            self.photo_index = load_photo_index(settings)
+            # the index was checked before the workers started; one that has gone bad since (a worker
+            # restarting later) costs photo search only, until SIGHUP loads a good one
+            try:
+                self.photo_index = load_photo_index(settings, vocabulary.features.shape[1])
+            except PhotoIndexError as error:
+                log.error("Photo search is unavailable until the index is mended and SIGHUP sent: %s", error)
         if settings.health_canary_seconds > 0:
             self._keep(Canary(classifier.image_features, engine.input_size, settings.health_canary_seconds,
                               settings.request_timeout, self.health), start=True)
@@ -162,13 +168,17 @@ class ModelHost:
                                  vocabulary.version, len(vocabulary.label_set))
 
 
-def load_photo_index(settings: Settings) -> PhotoIndex:
-    """SEARCH_INDEX, checked against CLIP_MODEL (PhotoIndexError otherwise), its vectors read once.
+def load_photo_index(settings: Settings, dimensions: int) -> PhotoIndex:
+    """SEARCH_INDEX, checked against CLIP_MODEL and its `dimensions` (PhotoIndexError otherwise), its
+    vectors read once.
 
     Reading every page now puts the vectors in the page cache (shared by the workers), so the first
     search is as fast as the others.
     """
     index = read_model_index(settings.search_index, settings.clip_model, model_identity(settings.model_spec))
+    if index.dimensions != dimensions:
+        raise PhotoIndexError(f"{settings.search_index} holds {index.dimensions}-dimensional vectors and "
+                              f"CLIP_MODEL={settings.clip_model} makes {dimensions}; index again")
     float(index.embeddings.sum())  # touch every page
     metrics.SEARCH_INDEX_IMAGES.set(len(index.paths))
     log.info("Photo index %s: %d images of %s", settings.search_index, len(index.paths), index.folder)
