@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 
 from clip_service.engines.spec import ModelSpec, ModelSpecError, parse_model_spec
 from clip_service.ranges import parse_in_range
+from clip_service.vocabulary.labels import puts_the_label_in
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENV_FILE = PROJECT_ROOT / ".env"
@@ -157,10 +158,10 @@ def openvino_installed() -> bool:
 
 
 def _template(raw: str) -> str:
-    if raw.strip() and raw.count("{}") != 1:
+    if raw.strip() and not puts_the_label_in(raw):
         raise SettingsError(
-            f"CLIP_PROMPT_TEMPLATE={raw} must contain exactly one {{}} where the label goes, "
-            "e.g. 'a photo of a {}.'"
+            f"CLIP_PROMPT_TEMPLATE={raw} must contain exactly one {{}} where the label goes, and no other "
+            "braces, e.g. 'a photo of a {}.'"
         )
     return raw
 

@@ -203,6 +203,27 @@ def test_failed_reload_keeps_the_vocabulary(make_app, settings, tmp_path):
     assert app.test_client().get("/labels").get_json()["num_labels"] == 2
 
 
+@pytest.mark.parametrize(("file", "content", "said"), [
+    ("animals.txt", b"caf\xe9\n", "is not UTF-8 (byte 3); save it as UTF-8"),
+    ("prompts.txt", b"a {0} photo of {}\n", "exactly one {} and no other braces"),
+    ("prompts.txt", b"a photo of {{}}\n", "exactly one {} and no other braces"),
+], ids=["latin-1 label file", "template that cannot format", "template that drops the label"])
+def test_a_reload_of_files_it_cannot_use_keeps_the_vocabulary_and_says_why(make_app, settings, tmp_path,
+                                                                         caplog, file, content, said):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    (folder / "animals.txt").write_text("cat\ndog\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {}.\n")
+    app = make_app(dataclasses.replace(settings, labels_dir=folder, prompts_file=prompts, prompt_template=""))
+    version = app.test_client().get("/labels").get_json()["version"]
+    (tmp_path / "labels" / file if file == "animals.txt" else prompts).write_bytes(content)
+    assert not app.extensions["clip_service"].reload_labels()
+    after = app.test_client().get("/labels").get_json()
+    assert (after["num_labels"], after["version"]) == (2, version)
+    assert "Label reload failed, keeping version" in caplog.text and said in caplog.text
+
+
 def test_labels_watch_reloads_on_change(make_app, settings, tmp_path):
     import time
 

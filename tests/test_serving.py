@@ -150,6 +150,27 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
     assert log.count("Converting CLIP_MODEL=") == 1, "the model is converted once, not per worker"
 
 
+def test_sighup_while_a_worker_starts_up_does_not_end_it(server_env, tmp_path):
+    """`systemctl reload` right after a start: the master forwards SIGHUP to a worker still loading
+    the app, before it can reload anything; gunicorn's default for SIGHUP would end that worker."""
+    process = start(server_env, tmp_path / "hup.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not (first := worker_pids(process.pid)):
+            assert time.monotonic() < deadline and process.poll() is None, "no worker started"
+            time.sleep(0.005)
+        sent, until = 0, time.monotonic() + 3
+        while time.monotonic() < until:
+            os.kill(process.pid, signal.SIGHUP)
+            sent += 1
+            time.sleep(0.02)
+        wait_healthy(int(server_env["PORT"]), process, log_path=tmp_path / "hup.log")
+        assert worker_pids(process.pid) == first, f"a worker ended after {sent} SIGHUPs during its start"
+    finally:
+        assert stop(process) == 0
+    assert "was sent SIGHUP" not in (tmp_path / "hup.log").read_text()
+
+
 def test_python_rest_py_serves_too(server_env, tmp_path):
     process = start(server_env, tmp_path / "rest.log", command=[sys.executable, str(ROOT / "REST.py")])
     try:

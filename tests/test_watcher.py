@@ -53,3 +53,24 @@ def test_the_watcher_reloads_on_a_change_and_retries_a_failed_reload(tmp_path):
         watcher.stop()
     (labels / "animals.txt").write_text("cat\nzebra\nlion\n")
     assert not wait_for(lambda: len(calls) > settled, timeout=0.2), "a stopped watcher reloads nothing"
+
+
+def test_the_watcher_outlives_a_reload_that_raises(tmp_path):
+    labels, prompts = tmp_path / "labels", tmp_path / "prompts.txt"
+    labels.mkdir()
+    (labels / "animals.txt").write_text("cat\n")
+    calls = []
+
+    def reload() -> bool:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+        return True
+
+    watcher = LabelsWatcher(labels, prompts, reload, interval=0.02)
+    watcher.start()
+    try:
+        (labels / "animals.txt").write_text("cat\nzebra\n")
+        assert wait_for(lambda: len(calls) >= 2, timeout=5), "the watcher died with the first reload"
+    finally:
+        watcher.stop()

@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import json
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -173,6 +174,12 @@ class FrontDoorWorker(gthread.ThreadWorker):
     def init_process(self):
         self.light_pool = futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="clip-light")
         super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        # SIGHUP asks for a reload here (gunicorn.conf.py's post_worker_init installs it once the app is
+        # loaded); gunicorn leaves it at the default, which would end a worker still starting up
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def load_wsgi(self):
         super().load_wsgi()

@@ -53,6 +53,7 @@ class ModelHost:
         self.batcher: MicroBatcher | None = None
         self.embedder: Embedder | None = None
         self.photo_index: PhotoIndex | None = None  # SEARCH_INDEX, once loaded
+        self._index_lock = threading.Lock()
         self._engine = engine
         self._reloader: LabelReloader | None = None
         self._model_info = metrics.ModelInfo()
@@ -86,13 +87,14 @@ class ModelHost:
         """
         if self.settings.search_index is None or self.status != LOADED:
             return False
-        try:
-            index = load_photo_index(self.settings, self.classifier.vocabulary.features.shape[1])
-        except PhotoIndexError as error:
-            log.warning("The photo index was not reloaded; %s: %s", "the one loaded before keeps serving"
-                        if self.photo_index else "photo search stays unavailable", error)
-            return False
-        self.photo_index = index
+        with self._index_lock:  # two SIGHUPs around a rewrite must not finish in the wrong order
+            try:
+                index = load_photo_index(self.settings, self.classifier.vocabulary.features.shape[1])
+            except PhotoIndexError as error:
+                log.warning("The photo index was not reloaded; %s: %s", "the one loaded before keeps "
+                            "serving" if self.photo_index else "photo search stays unavailable", error)
+                return False
+            self.photo_index = index
         return True
 
     def stop(self) -> None:

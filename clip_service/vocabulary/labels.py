@@ -51,7 +51,7 @@ def load_labels(folder: Path) -> LabelSet:
     groups: dict[str, tuple[str, ...]] = {}
     for path in sorted(Path(folder).glob("*.txt")):
         group = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in _text_lines(path, "label file"):
             parsed = parse_label_line(line)
             if parsed is None or parsed[0].casefold() in seen:
                 continue
@@ -76,9 +76,31 @@ def load_templates(prompts_file: Path, single_template: str = "") -> tuple[str, 
     except OSError as error:
         raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} cannot be read ({error.strerror}); "
                           "point it at a file of prompt templates, one per line") from None
+    except UnicodeDecodeError as error:
+        raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} is not UTF-8 (byte {error.start}); save it "
+                          "as UTF-8") from None
     templates = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
-    bad = [template for template in templates if template.count("{}") != 1]
+    bad = [template for template in templates if not puts_the_label_in(template)]
     if bad or not templates:
         raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} needs one or more templates, each with "
-                          f"exactly one {{}}; bad: {bad[0] if bad else 'no templates'}")
+                          f"exactly one {{}} and no other braces; bad: {bad[0] if bad else 'no templates'}")
     return templates
+
+
+def puts_the_label_in(template: str) -> bool:
+    """True when template.format(label) works and holds the label once: "a {0} photo of {}" fails to
+    format, and "a photo of {{}}" formats every label to the same text."""
+    try:
+        return template.count("{}") == 1 and template.format("\0").count("\0") == 1
+    except (ValueError, IndexError, KeyError):
+        return False
+
+
+def _text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; LabelsError naming the file if it cannot be read as one."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise LabelsError(f"The {what} {path} cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise LabelsError(f"The {what} {path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None

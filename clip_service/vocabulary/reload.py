@@ -47,6 +47,9 @@ class LabelReloader:
             except (LabelsError, OSError) as error:
                 log.error("Label reload failed, keeping version %s: %s", current.version, error)
                 return False
+            except Exception:  # a reload must never take the serving vocabulary (or its caller) down
+                log.exception("Label reload failed unexpectedly, keeping version %s", current.version)
+                return False
             self.use(vocabulary)
         log.info("Labels reloaded: %d labels, version %s", len(vocabulary.label_set), vocabulary.version)
         return True

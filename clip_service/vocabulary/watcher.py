@@ -7,9 +7,12 @@ Polling the files' size and modification time every couple of seconds works on e
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def labels_signature(labels_dir: Path, prompts_file: Path) -> tuple:
@@ -46,6 +49,9 @@ class LabelsWatcher:
 
     def _run(self, last: tuple) -> None:
         while not self._stopped.wait(self.interval):
-            current = self._signature()
-            if current != last and self.reload():
-                last = current
+            try:
+                current = self._signature()
+                if current != last and self.reload():
+                    last = current
+            except Exception:  # the watcher outlives any one failed look or reload
+                log.exception("CLIP_LABELS_WATCH: looking for label changes failed; trying again")
