@@ -8,11 +8,13 @@ pictures of a folder of mixed colours, and a red photo must find red ones.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,11 @@ from clip_service import cli
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import model_identity, parse_model_spec
 from clip_service.inputs.images import ImageLimits
-from clip_service.library import indexer
+from clip_service.library import batches, indexer
 from clip_service.library.errors import LibraryError
 from clip_service.library.indexer import IndexOptions, journal_path
 from clip_service.library.photo_index import PhotoIndexError, read_index, write_index
-from clip_service.library.pipeline import read_image
+from clip_service.library.pipeline import DECODE_WORKERS, read_image
 from clip_service.settings import Settings
 from clip_service.tasks.search import best_matches
 from tests.support.server import clean_environment
@@ -143,6 +145,31 @@ def test_an_interrupted_run_resumes_from_its_journal(colour_settings, library, e
     whole = read_index(tmp_path / "whole.clipindex")
     assert resumed.paths == whole.paths
     np.testing.assert_allclose(resumed.embeddings, whole.embeddings, atol=1e-5)
+
+
+def test_only_model_sized_inputs_wait_for_the_model_never_full_size_photos(colour_settings, library, engine,
+                                                                           tmp_path, monkeypatch):
+    """A batch of 8 waits for the model: holding 8 decoded photos (plus those read ahead) cost gigabytes
+    for 60-megapixel PNGs of a few kilobytes each. Each is made the model's input where it was decoded."""
+    decoded = []  # a weak reference to every photo decoded
+
+    def tracked(path, limits, draft_size=None):
+        image, problem = read_image(path, limits, draft_size)
+        if image is not None:
+            decoded.append(weakref.ref(image))
+        return image, problem
+
+    monkeypatch.setattr(batches, "read_image", tracked)
+    seen = []
+
+    class Watching(CountingEngine):
+        def encode_images(self, pixels):
+            gc.collect()
+            seen.append(sum(reference() is not None for reference in decoded))
+            return super().encode_images(pixels)
+
+    build(colour_settings, library, tmp_path / "photos.clipindex", Watching(engine), batch_size=8)
+    assert seen and max(seen) <= DECODE_WORKERS, f"full-size photos alive at each forward pass: {seen}"
 
 
 def test_resume_adds_new_images_and_drops_gone_ones(colour_settings, library, engine, tmp_path):

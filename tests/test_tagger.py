@@ -42,19 +42,13 @@ class CountingClassifier:
     def __getattr__(self, name):
         return getattr(self.classifier, name)
 
-    def classify(self, image, threshold, limit):
-        self.calls += 1
-        if self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
-        return self.classifier.classify(image, threshold, limit)
-
-    def classify_many(self, images, threshold, limit):
-        self.batches.append(len(images))
-        for _ in images:
+    def classify_prepared(self, inputs, threshold, limit):
+        self.batches.append(len(inputs))
+        for _ in inputs:
             self.calls += 1
             if self.calls == self.interrupt_at:
                 raise KeyboardInterrupt
-        return self.classifier.classify_many(images, threshold, limit)
+        return self.classifier.classify_prepared(inputs, threshold, limit)
 
 
 @pytest.fixture
@@ -400,7 +394,7 @@ def test_batches_give_the_same_records_as_one_at_a_time(settings, real_classifie
     tag(settings, real_classifier, photos, one, batch_size=1)
     batched = CountingClassifier(real_classifier)
     tag(settings, batched, photos, tmp_path / "batched.jsonl", batch_size=3)
-    assert batched.batches == [3]  # cat.jpg, quadrants.png, anim.gif; red.PNG alone goes one by one
+    assert batched.batches == [3, 1]  # cat.jpg, quadrants.png, anim.gif in one pass; then red.PNG
     for a, b in zip(read_jsonl(one), read_jsonl(tmp_path / "batched.jsonl"), strict=True):
         assert a["path"] == b["path"] and a["labels"][:3] == b["labels"][:3]
         assert a["confidences"] == pytest.approx(b["confidences"], abs=0.003)

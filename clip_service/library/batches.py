@@ -1,6 +1,7 @@
 """Working through a library's pending files a batch at a time: shared by `tag` and `index`.
 
-Files are read and decoded ahead on threads (pipeline.prefetch), go through the model a batch at a time
+Files are read, decoded and turned into the model's input ahead on threads (pipeline.prefetch), so only
+model-sized inputs wait for the model, never full-size photos; they go through the model a batch at a time
 (one forward pass; one image at a time only when a batch fails, so one odd image costs no others), and
 each result is handed on as soon as its batch is done. Unreadable files are reported and counted, a
 progress bar shows the rate, and Ctrl-C loses at most the batch in progress.
@@ -24,6 +25,7 @@ from clip_service.library.pipeline import DECODE_AHEAD, prefetch, read_image
 
 log = logging.getLogger(__name__)
 
+I = TypeVar("I")  # noqa: E741  a model input, as `prepare` makes it
 R = TypeVar("R")
 
 
@@ -50,41 +52,49 @@ class Summary:
 
 
 @dataclass(frozen=True)
-class BatchWork(Generic[R]):
-    """What a run does with its images: a batch in one pass, or one image alone (the fallback)."""
+class BatchWork(Generic[I, R]):
+    """What a run does with its images: each made the model's input on the thread that decoded it,
+    then a batch of inputs in one pass, or one input alone (the fallback)."""
 
-    batch: Callable[[list[Image.Image]], list[R]]
-    one: Callable[[Image.Image], R]
+    prepare: Callable[[Image.Image], I]
+    batch: Callable[[list[I]], list[R]]
+    one: Callable[[I], R]
 
 
-def in_batch_or_alone(work: BatchWork[R], images: list[Image.Image]) -> list[R | str]:
-    """Each image's result or why not; one forward pass unless one image breaks it."""
-    if not images:
+def in_batch_or_alone(work: BatchWork[I, R], inputs: list[I]) -> list[R | str]:
+    """Each input's result or why not; one forward pass unless one input breaks it."""
+    if not inputs:
         return []
     try:
-        if len(images) > 1:
-            return list(work.batch(images))
+        if len(inputs) > 1:
+            return list(work.batch(inputs))
     except Exception:  # one odd image must not cost the others: fall back to one at a time
-        log.debug("A batch of %d failed; trying its images one by one", len(images), exc_info=True)
+        log.debug("A batch of %d failed; trying its images one by one", len(inputs), exc_info=True)
     outcomes: list[R | str] = []
-    for image in images:
+    for one_input in inputs:
         try:
-            outcomes.append(work.one(image))
+            outcomes.append(work.one(one_input))
         except Exception as error:  # e.g. an image shape the model cannot take
             outcomes.append(f"{type(error).__name__}: {error}")
     return outcomes
 
 
-def process_files(folder: Path, pending: list[Path], work: BatchWork[R], limits: ImageLimits,
+def process_files(folder: Path, pending: list[Path], work: BatchWork[I, R], limits: ImageLimits,
                   draft_size: tuple[int, int] | None, batch_size: int,
                   finished: Callable[[list[tuple[Path, R]]], None], summary: Summary,
                   progress: bool) -> None:
     """Read, batch and process the pending files (relative to folder); `finished` gets each batch's
     (path, result) pairs as soon as it is done. A bad file is logged and counted in `summary`."""
-    batch: list[tuple[Path, Image.Image]] = []
+    batch: list[tuple[Path, I]] = []
 
-    def read(relative: Path) -> tuple[Image.Image | None, str | None]:
-        return read_image(folder / relative, limits, draft_size)
+    def read(relative: Path) -> tuple[I | None, str | None]:
+        image, problem = read_image(folder / relative, limits, draft_size)
+        if image is None:
+            return None, problem
+        try:
+            return work.prepare(image), None
+        except Exception as error:  # a decoder or resize bug on one odd file must not end the run
+            return None, f"{type(error).__name__}: {error}"
 
     def skip(relative: Path, problem: str) -> None:
         log.warning("Skipped %s: %s", relative, problem)
@@ -93,7 +103,7 @@ def process_files(folder: Path, pending: list[Path], work: BatchWork[R], limits:
         bar.update()
 
     def flush() -> None:
-        outcomes = in_batch_or_alone(work, [image for _, image in batch])
+        outcomes = in_batch_or_alone(work, [model_input for _, model_input in batch])
         done = []
         for (relative, _), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, str):
@@ -113,11 +123,11 @@ def process_files(folder: Path, pending: list[Path], work: BatchWork[R], limits:
         redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
         results = prefetch(read, pending, ahead=DECODE_AHEAD + batch_size)
         with redirect, contextlib.closing(results):
-            for relative, (image, problem) in results:
-                if image is None:
+            for relative, (model_input, problem) in results:
+                if model_input is None:
                     skip(relative, problem)
                     continue
-                batch.append((relative, image))
+                batch.append((relative, model_input))
                 if len(batch) >= batch_size:
                     flush()
             flush()

@@ -31,7 +31,6 @@ from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index, write_index
 from clip_service.library.walk import find_pending, record_key
-from clip_service.runtime.cores import map_on_cores
 from clip_service.settings import Settings
 from clip_service.tasks.embed import base64_rows
 
@@ -102,8 +101,8 @@ def _journal_records(journal: Path, tag: str) -> dict[str, np.ndarray]:
 def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limits: ImageLimits,
                 journal, tag: str, summary: Summary) -> None:
     """Embed the pending files a batch at a time, appending each batch to the journal when done."""
-    def batch(images) -> list[torch.Tensor]:
-        return list(engine.encode_images(torch.stack(map_on_cores(engine.prepare, images))))
+    def batch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(engine.encode_images(torch.stack(inputs)))
 
     def write(done: list[tuple[Path, torch.Tensor]]) -> None:
         vectors = base64_rows(torch.stack([vector for _, vector in done]))
@@ -112,7 +111,7 @@ def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limi
                                      ensure_ascii=False) + "\n")
         journal.flush()
 
-    work = BatchWork(batch, lambda image: batch([image])[0])
+    work = BatchWork(engine.prepare, batch, lambda model_input: batch([model_input])[0])
     process_files(options.folder, pending, work, limits, engine.input_size,
                   options.batch_size or default_batch_size(engine), write, summary, options.progress)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import torch
+
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.inputs.images import ImageLimits
@@ -112,8 +114,10 @@ def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, 
     A bad file is logged and counted. An interruption loses at most the batch in progress, which a
     resumed run tags again.
     """
-    work = BatchWork(lambda images: classifier.classify_many(images, options.threshold, options.limit),
-                     lambda image: classifier.classify(image, options.threshold, options.limit))
+    def classify(inputs: list[torch.Tensor]) -> list[list[Prediction]]:
+        return classifier.classify_prepared(inputs, options.threshold, options.limit)
+
+    work = BatchWork(classifier.engine.prepare, classify, lambda model_input: classify([model_input])[0])
 
     def write(done: list[tuple[Path, list[Prediction]]]) -> None:
         for relative, predictions in done:

@@ -152,17 +152,10 @@ class Classifier:
         image_features = self.image_features(image, deadline).unsqueeze(0)  # (1, D)
         return self.predictions(image_features, candidates, threshold, limit)[0]
 
-    def classify_many(self, images: list[Image.Image], threshold: float, limit: int,
-                      deadline: float | None = None, labels: tuple[str, ...] | None = None,
-                      groups: tuple[str, ...] | None = None) -> list[list[Prediction]]:
-        """Several images in one forward pass (the tagger's batches)."""
-        return self.classify_prepared(map_on_cores(self.engine.prepare, images), threshold, limit, deadline,
-                                      labels, groups)
-
     def classify_prepared(self, inputs: list[torch.Tensor], threshold: float, limit: int,
                           deadline: float | None = None, labels: tuple[str, ...] | None = None,
                           groups: tuple[str, ...] | None = None) -> list[list[Prediction]]:
-        """Several model inputs from `engine.prepare` in one forward pass (/analyze/batch)."""
+        """Several model inputs from `engine.prepare` in one forward pass (/analyze/batch, the tagger)."""
         candidates = self.candidates(labels, groups, deadline)
         if not candidates.labels:
             return [[] for _ in inputs]
