@@ -153,8 +153,8 @@ def test_only_model_sized_inputs_wait_for_the_model_never_full_size_photos(colou
     for 60-megapixel PNGs of a few kilobytes each. Each is made the model's input where it was decoded."""
     decoded = []  # a weak reference to every photo decoded
 
-    def tracked(path, limits, draft_size=None):
-        image, problem = read_image(path, limits, draft_size)
+    def tracked(path, limits, draft_size=None, beneath=None):
+        image, problem = read_image(path, limits, draft_size, beneath)
         if image is not None:
             decoded.append(weakref.ref(image))
         return image, problem
@@ -170,6 +170,21 @@ def test_only_model_sized_inputs_wait_for_the_model_never_full_size_photos(colou
 
     build(colour_settings, library, tmp_path / "photos.clipindex", Watching(engine), batch_size=8)
     assert seen and max(seen) <= DECODE_WORKERS, f"full-size photos alive at each forward pass: {seen}"
+
+
+def test_links_out_of_the_folder_are_not_indexed_links_within_it_are(colour_settings, library, engine,
+                                                                     tmp_path, caplog):
+    """Whoever can write into the folder must not get a private photo of the operator's searchable."""
+    private = tmp_path / "private.png"
+    draw_picture("red", "circle", 96, seed=9).save(private)
+    (library / "innocent.png").symlink_to(private)
+    (library / "again.png").symlink_to(library / "red" / "0.png")
+    output = tmp_path / "photos.clipindex"
+    summary = build(colour_settings, library, output, engine)
+    paths = read_index(output).paths
+    assert "again.png" in paths and "innocent.png" not in paths
+    assert summary.skipped == 2  # notes.jpg, and the link out
+    assert "Skipped innocent.png: a link out of the folder" in caplog.text
 
 
 def test_resume_adds_new_images_and_drops_gone_ones(colour_settings, library, engine, tmp_path):

@@ -82,13 +82,15 @@ def in_batch_or_alone(work: BatchWork[I, R], inputs: list[I]) -> list[R | str]:
 def process_files(folder: Path, pending: list[Path], work: BatchWork[I, R], limits: ImageLimits,
                   draft_size: tuple[int, int] | None, batch_size: int,
                   finished: Callable[[list[tuple[Path, R]]], None], summary: Summary,
-                  progress: bool) -> None:
+                  progress: bool, beneath_folder: bool = False) -> None:
     """Read, batch and process the pending files (relative to folder); `finished` gets each batch's
-    (path, result) pairs as soon as it is done. A bad file is logged and counted in `summary`."""
+    (path, result) pairs as soon as it is done. A bad file is logged and counted in `summary`.
+    `beneath_folder`: files are read only beneath the (resolved) folder, links out of it skipped."""
     batch: list[tuple[Path, I]] = []
+    beneath = folder.resolve() if beneath_folder else None
 
     def read(relative: Path) -> tuple[I | None, str | None]:
-        image, problem = read_image(folder / relative, limits, draft_size)
+        image, problem = read_image(folder / relative, limits, draft_size, beneath)
         if image is None:
             return None, problem
         try:

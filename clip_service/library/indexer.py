@@ -113,7 +113,8 @@ def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limi
 
     work = BatchWork(engine.prepare, batch, lambda model_input: batch([model_input])[0])
     process_files(options.folder, pending, work, limits, engine.input_size,
-                  options.batch_size or default_batch_size(engine), write, summary, options.progress)
+                  options.batch_size or default_batch_size(engine), write, summary, options.progress,
+                  beneath_folder=True)
 
 
 def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], Engine]) -> Summary:

@@ -23,15 +23,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def read_image(path: Path, limits: ImageLimits,
-               draft_size: tuple[int, int] | None = None) -> tuple[Image.Image | None, str | None]:
+def read_image(path: Path, limits: ImageLimits, draft_size: tuple[int, int] | None = None,
+               beneath: Path | None = None) -> tuple[Image.Image | None, str | None]:
     """(image, None), or (None, why not): the server's file reading and decoding, same limits.
 
     draft_size is the model's input size, as the server passes it (JPEGs decode at a reduced scale
-    that still covers it), so a photo gets the same pixels, and tags, here as there.
+    that still covers it), so a photo gets the same pixels, and tags, here as there. With `beneath`
+    (a resolved folder) a path that leads out of it, by a symlink or one swapped in while reading, is
+    not read: the index command's vectors and thumbnails are served, and must show only that folder.
     """
     try:
-        data = read_file(str(path), path, limits.max_bytes)
+        if beneath is None:
+            data = read_file(str(path), path, limits.max_bytes)
+        else:  # as file= is read: the resolved path, opened beneath the folder (a link swapped in later)
+            real = path.resolve()
+            if not real.is_relative_to(beneath):
+                return None, "a link out of the folder (not indexed: searching would reveal what it shows)"
+            data = read_file(str(path), real, limits.max_bytes, (beneath,))
         return decode_image(data, limits, draft_size), None
     except ServiceError as error:
         return None, error.message

@@ -16,8 +16,8 @@ def find_candidates(folder: Path, all_files: bool = False, exclude: tuple[Path, 
 
     Hidden names are skipped because they are tool droppings (`.thumbnails/`, macOS `._IMG_0001.JPG`
     resource forks), not photos. Symlinked folders are not entered (a link up the tree would loop
-    forever); symlinked files are read. `exclude` holds the run's own files (its output), which may live
-    in the folder.
+    forever); symlinked files are listed (`index` then reads only those that stay inside folder).
+    `exclude` holds the run's own files (its output), which may live in the folder.
     """
     excluded = {path.resolve() for path in exclude}
     excluded_names = {path.name for path in excluded}
