@@ -157,6 +157,28 @@ def test_find_candidates_order_and_filters(photos):
     assert found == ["cat.jpg", "corrupt.jpg", "quadrants.png", "sub/anim.gif", "sub/deeper/red.PNG"]
 
 
+def test_find_candidates_walks_any_depth_and_enters_no_linked_or_hidden_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    deep = folder
+    for _ in range(1100):  # deeper than Python's recursion limit
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(b"")
+    (folder / "loop").symlink_to(folder)  # a link up the tree: listed nowhere, never entered
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "y.png").write_bytes(b"")
+    (folder / "linked.png").symlink_to(deep / "x.png")
+    try:
+        found = [path.as_posix() for path in find_candidates(folder)]
+    finally:  # removed from the bottom up: a recursive removal would meet the same limit
+        (deep / "x.png").unlink()
+        while deep != folder:
+            deep.rmdir()
+            deep = deep.parent
+    assert found == ["a/" * 1100 + "x.png", "linked.png"]
+
+
 def test_file_name_that_is_not_utf8_round_trips(settings, classifier, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -23,11 +23,7 @@ def find_candidates(folder: Path, all_files: bool = False, exclude: tuple[Path, 
     excluded_names = {path.name for path in excluded}
     found = []
 
-    def unreadable(error: OSError) -> None:
-        log.warning("Cannot list %s: %s", error.filename, error.strerror)
-
-    for root, dirs, files in os.walk(folder, onerror=unreadable):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
+    for root, files in _walk(folder):
         for name in files:
             path = Path(root, name)
             if name.startswith(".") or not (all_files or path.suffix.lower() in IMAGE_EXTENSIONS):
@@ -36,6 +32,32 @@ def find_candidates(folder: Path, all_files: bool = False, exclude: tuple[Path, 
                 continue
             found.append(path.relative_to(folder))
     return sorted(found, key=lambda path: path.parts)
+
+
+def _walk(folder: Path):
+    """(folder, names of its files) for folder and every folder under it that is neither hidden nor a
+    symlink; os.walk's view of it, but with a list of folders to visit instead of recursion (Python
+    3.11's os.walk recurses, and a tree 1,000 folders deep ended the run with RecursionError)."""
+    waiting = [str(folder)]
+    while waiting:
+        root = waiting.pop()
+        try:
+            with os.scandir(root) as entries:
+                listed = list(entries)
+        except OSError as error:
+            log.warning("Cannot list %s: %s", error.filename, error.strerror)
+            continue
+        files = []
+        for entry in listed:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            if not is_folder:
+                files.append(entry.name)
+            elif not entry.name.startswith(".") and not entry.is_symlink():
+                waiting.append(entry.path)
+        yield root, files
 
 
 def record_key(relative: Path) -> str:
