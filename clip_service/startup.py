@@ -7,7 +7,9 @@ weights stop start-up with one clear line instead of a crash loop of workers. No
 from __future__ import annotations
 
 import os
+import stat
 import sys
+from pathlib import Path
 
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.spec import model_identity
@@ -21,6 +23,7 @@ def preflight() -> Settings:
     """Validated settings whose labels load, whose weights are on disk (downloading them) and whose
     photo index (SEARCH_INDEX) was made with CLIP_MODEL."""
     settings = load_settings()
+    warn_if_others_can_write(settings.cache_dir)
     load_labels(settings.labels_dir)
     load_templates(settings.prompts_file, settings.prompt_template)
     fetch_weights(settings.model_spec)
@@ -30,6 +33,21 @@ def preflight() -> Settings:
         except PhotoIndexError as error:
             raise PhotoIndexError(f"SEARCH_INDEX: {error}") from None
     return settings
+
+
+def warn_if_others_can_write(cache_dir: Path) -> None:
+    """The cache holds what the workers run (OpenVINO's converted model, the label features), checked
+    against damage but not signed: a folder others can write lets them change the model served."""
+    try:
+        info = cache_dir.stat()
+    except OSError:
+        return  # made later, by the service, with its own umask
+    if info.st_mode & 0o022 or info.st_uid != os.geteuid():
+        print(f"clip-service: warning: CLIP_CACHE_DIR={cache_dir} can be written by others (mode "
+              f"{stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}, the service runs as uid "
+              f"{os.geteuid()}); "
+              "whoever can write it can change the model the service runs: chmod go-w, or a folder of the "
+              "service user's own", file=sys.stderr, flush=True)
 
 
 def preflight_or_exit() -> Settings:

@@ -54,6 +54,20 @@ def test_a_model_folder_without_weights_stops_start_up(environment, tiny_model_d
         preflight_or_exit()
     assert "holds no weights" in capsys.readouterr().err
 
+@pytest.mark.parametrize("mode, warned", [(0o700, False), (0o755, False), (0o775, True), (0o777, True)])
+def test_a_cache_others_can_write_is_warned_of(environment, tmp_path, capsys, mode, warned):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(mode)
+    environment.setenv("CLIP_CACHE_DIR", str(cache))
+    preflight_or_exit()
+    err = capsys.readouterr().err
+    assert ("can be written by others" in err) == warned, err
+    if warned:
+        assert err.startswith(f"clip-service: warning: CLIP_CACHE_DIR={cache} can be written by others (mode "
+                              f"{mode:o}, owner uid") and "chmod go-w" in err
+
+
 # How many workers, decided in the master without touching CUDA
 
 
