@@ -117,3 +117,4 @@ def test_a_broken_service_fails_the_orchestrators_health_check(server_env, tmp_p
     finally:
         stopped = stop(process)
     assert stopped == 0, "a service whose model failed still stops cleanly"
+    assert not check_service_health("127.0.0.1", port), "no answer at all is unhealthy too"

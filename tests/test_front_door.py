@@ -143,6 +143,15 @@ def test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading():
         door.turn()
         assert door.worker.heavy_in_flight == 1, "one request handed on, MAX_QUEUE=1"
         assert second.recv(4096).startswith(b"HTTP/1.1 503 "), "the other refused"
+        expecting = door.connect()  # the door answers 100 Continue and takes the Expect line out
+        expecting.sendall(upload.replace(b"Content-Length", b"Expect: 100-continue\r\nContent-Length"))
+        door.turn()
+        expecting.settimeout(5)
+        answer = expecting.recv(4096)
+        while b"503" not in answer:
+            answer += expecting.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 ")
+        assert door.worker.buffered == 0, "the Expect line's bytes were uncounted too"
         abandoned, late = door.connect(), door.connect()
         abandoned.sendall(upload[:500])
         late.sendall(upload[:600])

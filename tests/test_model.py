@@ -65,6 +65,17 @@ def test_local_dir_weights_the_service_cannot_read_are_named(tiny_model_dir, tmp
         parse_model_spec(f"local-dir:{folder}")
 
 
+def test_an_unreadable_leftover_beside_the_weights_open_clip_loads_is_no_matter(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    folder = tmp_path / "leftover"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "pytorch_model.bin").write_bytes(b"old")
+    (folder / "pytorch_model.bin").chmod(0)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", lambda path, mode: bool(os.stat(path).st_mode & 0o444))
+    assert parse_model_spec(f"local-dir:{folder}").local_dir == folder.resolve()
+
+
 def test_local_dir_without_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no open_clip_config.json"):
         parse_model_spec(f"local-dir:{tmp_path}")

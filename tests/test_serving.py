@@ -120,6 +120,10 @@ def test_two_workers_share_metrics_and_reload_labels_on_sighup(server_env, tmp_p
         version = requests.get(f"{base}/labels", timeout=10).json()["version"]
         workers = worker_pids(process.pid)
         assert len(workers) == 2
+        healthy = {int(re.search(r'pid="(\d+)"', line).group(1)): float(line.rsplit(" ", 1)[1])
+                   for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines()
+                   if line.startswith("clip_healthy{")}
+        assert healthy == {pid: 1.0 for pid in workers}, "one sample per worker, none from the master"
         assert labels_versions_by_worker(base) == {pid: {version} for pid in workers}
         (labels / "animals.txt").write_text("cat\ndog\nhorse\n")
         os.kill(process.pid, signal.SIGHUP)

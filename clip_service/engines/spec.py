@@ -69,6 +69,21 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(path for pattern in WEIGHT_FILES for path in folder.glob(pattern))
 
 
+# open_clip's choice among a folder's weight files (factory._find_checkpoint_in_dir), first found wins
+PREFERRED_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                     "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def chosen_weights(folder: Path) -> Path:
+    """The weights file open_clip loads from a local-dir: folder that has at least one."""
+    found = weight_files(folder)
+    preferred = [path for path in found if path.name in PREFERRED_WEIGHTS]
+    if preferred:
+        return min(preferred, key=lambda path: PREFERRED_WEIGHTS.index(path.name))
+    return sorted(found, key=lambda path: path.suffix != ".safetensors")[0]
+
+
 def public_model_name(name: str) -> str:
     """CLIP_MODEL as clients see it: a local-dir: model by its folder's name, not the server's path."""
     if name.startswith(LOCAL_DIR_PREFIX):
@@ -113,7 +128,7 @@ def _checked_folder(raw: str, name: str) -> Path:
     if not weight_files(folder):
         raise ModelSpecError(f"CLIP_MODEL={raw} holds no weights (open_clip_model.safetensors); a "
                              "randomly initialised model is never served")
-    unreadable = [path.name for path in [folder / "open_clip_config.json", *weight_files(folder)]
+    unreadable = [path.name for path in (folder / "open_clip_config.json", chosen_weights(folder))
                   if not os.access(path, os.R_OK)]
     if unreadable:  # open_clip would report a file it cannot read as one that is not there
         raise ModelSpecError(f"CLIP_MODEL={raw}: {', '.join(unreadable)} cannot be read by the user the "

@@ -1,10 +1,17 @@
-"""The ClipService behind the app handling the current request (create_app puts it there)."""
+"""The ClipService behind the app handling the current request (create_app puts it there).
+
+Light on purpose: gunicorn.conf.py imports it in the master, which must not import the service (that
+would register the master's own metric samples, a clip_healthy of 0 that /metrics shows for good).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import current_app
 
-from clip_service.service import ClipService
+if TYPE_CHECKING:
+    from clip_service.service import ClipService
 
 EXTENSION = "clip_service"  # its key in app.extensions
 

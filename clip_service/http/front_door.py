@@ -280,6 +280,7 @@ class FrontDoorWorker(gthread.ThreadWorker):
             # Answer the client's "may I send the body?" here, and keep gunicorn from answering again.
             start, end = head.expect_line
             del conn.inbox[start:end]
+            self.buffered -= end - start
             conn.head = dataclasses.replace(head, size=head.size - (end - start), expect_line=None)
             self._send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
