@@ -271,14 +271,17 @@ def run_search(args: argparse.Namespace) -> int:
     except (PhotoIndexError, SettingsError, ModelLoadError) as error:
         _say(str(error))
         return 2
-    matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k)
-    if args.json:
+    if args.json:  # JSON carries only UTF-8: names that are not are shown with their bytes as \xNN
+        matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k)
         print(json.dumps({"folder": str(index.folder),
                           "matches": [{"path": match.path, "score": match.score} for match in matches]},
                          ensure_ascii=False))
-    else:
-        for match in matches:
-            print(f"{match.score:.4f}\t{index.folder / match.path}")
+    else:  # a line per file with its real name, byte for byte, for `cut -f2 | xargs ...`
+        lines = [f"{match.score:.4f}\t{index.folder / match.path}\n"
+                 for match in best_matches(index.embeddings, index.paths, query.numpy(), args.k)]
+        sys.stdout.flush()
+        sys.stdout.buffer.write("".join(lines).encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
     return 0
 
 

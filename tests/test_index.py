@@ -349,3 +349,24 @@ def test_search_needs_text_or_like_and_an_index(trained_model_dir, tmp_path, cle
     assert cli.main(["index", str(tmp_path / "missing"), "-o", str(tmp_path / "i")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
+
+
+def test_search_prints_a_name_that_is_not_utf8_byte_for_byte_and_json_shows_it_escaped(
+        trained_model_dir, tmp_path):
+    folder = tmp_path / "photos"
+    write_pictures(folder, ["green", "blue"], 1)
+    draw_picture("red", "circle", 96, seed=3).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "PNG")
+    env = command_env(trained_model_dir, tmp_path)
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clip_service", *arguments], cwd=tmp_path, env=env,
+                              capture_output=True, timeout=180)
+
+    index = tmp_path / "odd.clipindex"
+    assert run("index", str(folder), "-o", str(index)).returncode == 0
+    lines = run("search", str(index), "a red circle", "-k", "1")
+    assert lines.returncode == 0, lines.stderr
+    score, path = lines.stdout.rstrip(b"\n").split(b"\t")
+    assert path == os.fsencode(folder.resolve()) + b"/caf\xe9.png" and os.path.isfile(path)
+    answer = json.loads(run("search", str(index), "a red circle", "-k", "1", "--json").stdout)
+    assert answer["matches"][0]["path"] == "caf\\xe9.png"

@@ -51,12 +51,15 @@ class PhotoIndex:
 
     @functools.cached_property
     def shown_paths(self) -> tuple[str, ...]:
-        """The paths as answers show them (JSON, a terminal): see shown_path."""
-        return tuple(shown_path(path) for path in self.paths)
+        """The paths as answers show them (JSON): see shown_path; `paths` itself when all are UTF-8."""
+        shown = tuple(shown_path(path) for path in self.paths)
+        return self.paths if all(a is b for a, b in zip(shown, self.paths, strict=True)) else shown
 
     @functools.cached_property
     def row_of_shown(self) -> dict[str, int]:
         """A path as an answer showed it -> its row, so a client can ask for what it was shown."""
+        if self.shown_paths is self.paths:
+            return self.row_of
         return {path: row for row, path in enumerate(self.shown_paths)}
 
     def check_model(self, model: str, model_identity: str) -> None:
@@ -74,7 +77,11 @@ class PhotoIndex:
 def shown_path(path: str) -> str:
     r"""A file name as answers can carry it: os.fsdecode keeps the bytes of a name that is not UTF-8 as
     lone surrogates, which UTF-8 cannot encode; they are shown as \xNN (b"caf\xe9.png" as caf\xe9.png)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        path.encode("utf-8")
+        return path  # the same object: a million plain names cost no second copy
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_index(file: Path, folder: Path, model: str, model_identity: str, paths: list[str],
