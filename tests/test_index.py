@@ -185,6 +185,12 @@ def test_links_out_of_the_folder_are_not_indexed_links_within_it_are(colour_sett
     assert "again.png" in paths and "innocent.png" not in paths
     assert summary.skipped == 2  # notes.jpg, and the link out
     assert "Skipped innocent.png: a link out of the folder" in caplog.text
+    # an index an older version made, holding the link out, loses it on --resume
+    older = read_index(output)
+    write_index(output, older.folder, older.model, older.model_identity, [*older.paths, "innocent.png"],
+                np.vstack([older.embeddings, older.embeddings[:1]]))
+    build(colour_settings, library, output, engine, resume=True)
+    assert read_index(output).paths == older.paths
 
 
 def test_resume_adds_new_images_and_drops_gone_ones(colour_settings, library, engine, tmp_path):

@@ -148,7 +148,10 @@ def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], E
             summary.seconds = time.perf_counter() - started
         if summary.interrupted:
             return summary
-        present = {record_key(relative) for relative in candidates}
+        # a link out of the folder is never read now; one an older run indexed leaves the index too
+        leaving = {record_key(relative) for relative in candidates if (folder / relative).is_symlink()
+                   and not (folder / relative).resolve().is_relative_to(folder)}
+        present = {record_key(relative) for relative in candidates} - leaving
         rows = {path: previous.embeddings[row] for path, row in previous.row_of.items() if path in present} \
             if previous else {}
         rows.update(_journal_records(journal, tag))
