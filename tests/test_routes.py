@@ -200,6 +200,17 @@ def test_failed_load_is_unhealthy_not_healthy(make_app, settings, tmp_path):
     assert_error(upload(client, image_bytes()), 503, "failed to load")
 
 
+def test_a_failed_load_says_why_without_the_servers_paths(make_app, settings, tiny_engine, tmp_path):
+    """A worker restarting after a label file went bad: /health says which file and why, by its name."""
+    folder = tmp_path / "labels-of-a-server"
+    folder.mkdir()
+    (folder / "animals.txt").write_bytes(b"caf\xe9\n")
+    client = make_app(dataclasses.replace(settings, labels_dir=folder), engine=tiny_engine).test_client()
+    body = client.get("/health").get_json()
+    assert body["model_status"] == "failed"
+    assert body["error"] == "LabelsError: The label file animals.txt is not UTF-8 (byte 3); save it as UTF-8"
+
+
 def test_failing_model_is_503_without_details(make_app, settings, tiny_engine):
     engine = DeviceFaultEngine(tiny_engine)
     engine.failing.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 import torch
@@ -97,8 +98,18 @@ def health_body(service: ClipService) -> dict:
         return body
     body = {"status": "unhealthy", "model_status": host.status, "device": None, "num_labels": 0}
     if host.error:
-        body["error"] = host.error
+        body["error"] = without_server_paths(host.error)
     return body
+
+
+# An absolute path (not part of a URL), or a local-dir: model's; group 1 is its last part
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(local-dir:)?/(?:[^\s/'\"()]+/)*([^\s/'\"(),;]+)")
+
+
+def without_server_paths(message: str) -> str:
+    """A load error as /health shows it: each server path by its last part only (the log has it all),
+    as model names are shown: "/srv/clip/labels/animals.txt is not UTF-8" -> "animals.txt is not UTF-8"."""
+    return _SERVER_PATH.sub(lambda found: (found.group(1) or "") + found.group(2), message)
 
 
 def labels_body(service: ClipService) -> dict:
