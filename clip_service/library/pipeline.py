@@ -6,6 +6,7 @@ file reads release the GIL) keeps the model busy.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,11 @@ from PIL import Image
 
 from clip_service.errors import ServiceError
 from clip_service.inputs.images import ImageLimits, decode_image, read_file
+from clip_service.runtime.cores import MAX_THREADS
 
-DECODE_WORKERS, DECODE_AHEAD = 2, 4
+# Decoding and preparing (Pillow releases the GIL) on every core, as the server's requests do, at least 2
+DECODE_WORKERS = max(2, min(os.cpu_count() or 1, MAX_THREADS))
+DECODE_AHEAD = 4
 
 T = TypeVar("T")
 R = TypeVar("R")
