@@ -280,13 +280,20 @@ def command_env(trained_model_dir, tmp_path) -> dict[str, str]:
                               "CLIP_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)})
 
 
+def command_runner(env: dict[str, str], cwd: Path, text: bool = True):
+    """`python -m clip_service ARGUMENTS...` in `env` (changes to it apply to later runs), its output kept."""
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clip_service", *arguments], cwd=cwd, env=env,
+                              capture_output=True, text=text, timeout=180)
+
+    return run
+
+
 def test_index_and_search_commands(trained_model_dir, library, tmp_path):
     env = command_env(trained_model_dir, tmp_path)
     output = tmp_path / "photos.clipindex"
 
-    def run(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "clip_service", *arguments], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=180)
+    run = command_runner(env, tmp_path)
 
     done = run("index", str(library), "-o", str(output))
     assert done.returncode == 0, done.stderr
@@ -364,9 +371,7 @@ def test_search_prints_a_name_that_is_not_utf8_byte_for_byte_and_json_shows_it_e
     draw_picture("red", "circle", 96, seed=3).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "PNG")
     env = command_env(trained_model_dir, tmp_path)
 
-    def run(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "clip_service", *arguments], cwd=tmp_path, env=env,
-                              capture_output=True, timeout=180)
+    run = command_runner(env, tmp_path, text=False)
 
     index = tmp_path / "odd.clipindex"
     assert run("index", str(folder), "-o", str(index)).returncode == 0

@@ -30,6 +30,7 @@ from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index, write_index
+from clip_service.library.resume import split_lines
 from clip_service.library.walk import find_pending, record_key
 from clip_service.settings import Settings
 from clip_service.tasks.embed import base64_rows
@@ -79,18 +80,12 @@ def _previous(options: IndexOptions, folder: Path, model: str, identity: str) ->
 def _journal_records(journal: Path, tag: str) -> dict[str, np.ndarray]:
     """path -> embedding of every whole record in the journal, later records winning."""
     found: dict[str, np.ndarray] = {}
-    # split at "\n" only: a file name may hold U+2028 or U+0085, which json.dumps leaves as they are
-    lines = journal.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
-    for number, line in enumerate(lines, start=1):
+    # whole records only: opening the journal to resume (open_output) cut an unfinished end and refused
+    # an unreadable record; a file name may hold U+2028 or U+0085, which json.dumps leaves as they are
+    for line in split_lines(journal.read_text(encoding="utf-8", errors="surrogateescape")):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):  # the last write, cut short by the interruption
-                break
-            raise LibraryError(f"{journal}: line {number} is not a journal record; pass --overwrite to "
-                               "start again") from None
+        record = json.loads(line)
         if record.get("model") != tag:
             raise LibraryError(f"{journal} holds embeddings of another model; pass --overwrite to start "
                                "again")

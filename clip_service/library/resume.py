@@ -14,8 +14,9 @@ from clip_service.library.csv_cells import from_spreadsheet_safe
 from clip_service.library.errors import LibraryError
 
 
-def _lines(text: str) -> list[str]:
-    """text split after each `\\n` only (CSV fields may hold `\\r` and other line breaks)."""
+def split_lines(text: str) -> list[str]:
+    """text split after each `\\n` only (CSV fields may hold `\\r`, and JSON strings U+2028 or U+0085,
+    which str.splitlines() would split at too)."""
     parts = text.split("\n")
     return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
@@ -23,7 +24,7 @@ def _lines(text: str) -> list[str]:
 def _jsonl_records(text: str) -> Iterator[tuple[str | None, int]]:
     """(path, character offset after the record) per line: "" for a blank line, None if unreadable."""
     offset = 0
-    for line in _lines(text):
+    for line in split_lines(text):
         offset += len(line)
         if not line.strip():
             yield "", offset
@@ -42,7 +43,7 @@ def _csv_records(text: str, header: list[str]) -> Iterator[tuple[str | None, int
 
     def feed() -> Iterator[str]:
         nonlocal consumed
-        for line in _lines(text):
+        for line in split_lines(text):
             consumed += len(line)
             yield line
 
