@@ -87,12 +87,21 @@ class ModelHost:
         """
         if self.settings.search_index is None or self.status != LOADED:
             return False
+        return self._use_photo_index(self.classifier.vocabulary.features.shape[1])
+
+    def _use_photo_index(self, dimensions: int) -> bool:
+        """Read SEARCH_INDEX and serve it; one that cannot be used is logged and leaves what served before
+        (at a worker's start: nothing, so photo search alone answers 503 until a good one is loaded)."""
         with self._index_lock:  # two SIGHUPs around a rewrite must not finish in the wrong order
             try:
-                index = load_photo_index(self.settings, self.classifier.vocabulary.features.shape[1])
+                index = load_photo_index(self.settings, dimensions)
             except PhotoIndexError as error:
-                log.warning("The photo index was not reloaded; %s: %s", "the one loaded before keeps "
-                            "serving" if self.photo_index else "photo search stays unavailable", error)
+                if self.photo_index:
+                    log.warning("The photo index was not reloaded; the one loaded before keeps serving: %s",
+                                error)
+                else:
+                    log.error("Photo search is unavailable until the index is mended and SIGHUP sent: %s",
+                              error)
                 return False
             self.photo_index = index
         return True
@@ -139,10 +148,7 @@ class ModelHost:
         if settings.search_index is not None:
             # the index was checked before the workers started; one that has gone bad since (a worker
             # restarting later) costs photo search only, until SIGHUP loads a good one
-            try:
-                self.photo_index = load_photo_index(settings, vocabulary.features.shape[1])
-            except PhotoIndexError as error:
-                log.error("Photo search is unavailable until the index is mended and SIGHUP sent: %s", error)
+            self._use_photo_index(vocabulary.features.shape[1])
         if settings.health_canary_seconds > 0:
             self._keep(Canary(classifier.image_features, engine.input_size, settings.health_canary_seconds,
                               settings.request_timeout, self.health), start=True)

@@ -51,7 +51,7 @@ def load_labels(folder: Path) -> LabelSet:
     groups: dict[str, tuple[str, ...]] = {}
     for path in sorted(Path(folder).glob("*.txt")):
         group = []
-        for line in _text_lines(path, "label file"):
+        for line in _text_lines(path, f"The label file {path}"):
             parsed = parse_label_line(line)
             if parsed is None or parsed[0].casefold() in seen:
                 continue
@@ -71,14 +71,8 @@ def load_templates(prompts_file: Path, single_template: str = "") -> tuple[str, 
     """The prompt templates: CLIP_PROMPT_TEMPLATE alone if set, else every line of the prompts file."""
     if single_template:
         return (single_template,)
-    try:
-        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} cannot be read ({error.strerror}); "
-                          "point it at a file of prompt templates, one per line") from None
-    except UnicodeDecodeError as error:
-        raise LabelsError(f"CLIP_PROMPTS_FILE={prompts_file} is not UTF-8 (byte {error.start}); save it "
-                          "as UTF-8") from None
+    lines = _text_lines(Path(prompts_file), f"CLIP_PROMPTS_FILE={prompts_file}",
+                        "; point it at a file of prompt templates, one per line")
     templates = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
     bad = [template for template in templates if not puts_the_label_in(template)]
     if bad or not templates:
@@ -96,11 +90,11 @@ def puts_the_label_in(template: str) -> bool:
         return False
 
 
-def _text_lines(path: Path, what: str) -> list[str]:
-    """The lines of a UTF-8 text file; LabelsError naming the file if it cannot be read as one."""
+def _text_lines(path: Path, named: str, unreadable_hint: str = "") -> list[str]:
+    """The lines of a UTF-8 text file; a LabelsError starting with `named` if it cannot be read as one."""
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
-        raise LabelsError(f"The {what} {path} cannot be read ({error.strerror})") from None
+        raise LabelsError(f"{named} cannot be read ({error.strerror}){unreadable_hint}") from None
     except UnicodeDecodeError as error:
-        raise LabelsError(f"The {what} {path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
+        raise LabelsError(f"{named} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
