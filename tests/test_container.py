@@ -49,6 +49,7 @@ pytestmark = pytest.mark.system
 REQUEST_TIMEOUT = 30
 GRACEFUL_TIMEOUT = 35
 START_TIMEOUT = 240  # seconds to healthy: generous for a busy 2-core machine
+CONTAINER_UID = 10001  # the Dockerfile's user `clip`
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +123,9 @@ class Service:
             "run", "--detach", "--name", self.name, "--read-only", "--tmpfs", "/tmp",
             "--env-file", str(self.folder / "clip.env"), "--publish", f"127.0.0.1:{self.port}:7778",
             "--volume", f"{self.volume}:/cache",
-            "--volume", f"{self.folder / 'model'}:/model:ro",
-            "--volume", f"{self.folder / 'labels'}:/labels:ro",
-            "--volume", f"{self.folder / 'photos'}:/photos:ro", IMAGE)
+            *(option for mount in ("model", "labels", "photos", "index")
+              for option in ("--volume", f"{self.folder / mount}:/{mount}:ro")),
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--stop-timeout", "40", IMAGE)
         wait_healthy(self.docker, self.name, self.base)
         self.starts.append(time.monotonic() - started)
 
@@ -143,12 +144,23 @@ def service(docker, images, mounts) -> Iterator[Service]:
         shutil.copy(labels, folder / "labels")
     (folder / "photos").mkdir()
     (folder / "photos" / "photo.png").write_bytes(image_bytes("PNG"))
-    (folder / "clip.env").write_text(
+    env_file = folder / "clip.env"
+    env_file.write_text(
         "CLIP_MODEL=local-dir:/model\nCLIP_LABELS_DIR=/labels\nALLOWED_FILE_ROOTS=/photos\n"
         f"REQUEST_TIMEOUT={REQUEST_TIMEOUT}\nWORKERS=1\nLOG_LEVEL=INFO\n"
         # The random model spreads its confidence over 2,000 labels, under the default threshold.
         "CLIP_CONFIDENCE_THRESHOLD=0\n")
     readable(folder)
+    # The photo index, made by the image's own `index` command into a folder its user may write (its
+    # /cache is a throwaway volume, so the service's first start below is still cold).
+    (folder / "index").mkdir()
+    os.chown(folder / "index", CONTAINER_UID, -1)
+    docker.run("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--env-file", str(env_file),
+               "--volume", f"{folder / 'model'}:/model:ro", "--volume", f"{folder / 'photos'}:/photos:ro",
+               "--volume", f"{folder / 'index'}:/index", "--entrypoint", "/opt/clip-service/.venv/bin/python",
+               IMAGE, "-m", "clip_service", "index", "/photos", "-o", "/index/photos.clipindex", timeout=600)
+    with env_file.open("a") as env:
+        env.write("SEARCH_INDEX=/index/photos.clipindex\n")
     service = Service(docker, folder, volume=f"clip-service-test-cache-{os.getpid()}")
     try:
         service.start()
@@ -181,11 +193,22 @@ def test_file_input_under_a_mounted_folder_only(service):
     assert "ALLOWED_FILE_ROOTS" in outside.json()["error"]["message"]
 
 
+def test_photo_search_on_a_mounted_index(service):
+    index = requests.get(f"{service.base}/search/index", timeout=10)
+    assert index.status_code == 200, index.text
+    assert index.json()["index"]["images"] == 1
+    found = requests.get(f"{service.base}/search", params={"q": "a photo", "k": 3}, timeout=30)
+    assert found.status_code == 200, found.text
+    assert [match["path"] for match in found.json()["matches"]] == ["photo.png"]
+    thumbnail = requests.get(f"{service.base}/search/thumbnail", params={"path": "photo.png"}, timeout=30)
+    assert thumbnail.status_code == 200 and thumbnail.headers["Content-Type"] == "image/jpeg"
+
+
 def test_runs_unprivileged_on_a_read_only_root(service):
     docker = service.docker
     processes = docker.out("top", service.name, "-o", "pid,uid,args").splitlines()[1:]
     assert len(processes) >= 3, processes  # tini, gunicorn's master, its worker
-    assert all(line.split()[1] == "10001" for line in processes), processes
+    assert all(line.split()[1] == str(CONTAINER_UID) for line in processes), processes
     assert docker.inspect(service.name, "{{.HostConfig.ReadonlyRootfs}}") == "true"
     for path in ("/opt/clip-service/written", "/written"):
         written = docker.run("exec", service.name, "touch", path, check=False)
