@@ -42,6 +42,7 @@ from tests.support.images import encode, image_bytes
 from tests.support.models import write_tiny_clip
 from tests.support.system import shared_folder, unavailable
 from tests.support.trained_clip import COLOURS, draw_picture, trained_model
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -244,6 +245,9 @@ def wait_for_labels(service: Service, count: int, timeout: float = 60) -> bool:
 
 def test_sigterm_stops_it_cleanly_and_a_warm_cache_starts_faster(service):
     docker = service.docker
+    # The image's own HEALTHCHECK has seen /health 200 by now (it probes every 10 s).
+    assert wait_for(lambda: docker.inspect(service.name, "{{.State.Health.Status}}") == "healthy", 60), \
+        docker.inspect(service.name, "{{json .State.Health}}")
     signalled = time.monotonic()
     docker.run("kill", "--signal", "TERM", service.name)
     status = docker.out("wait", service.name, timeout=GRACEFUL_TIMEOUT + 30)
