@@ -256,9 +256,9 @@ MUTANTS = (
         "refuses uploads it has room for (or admits more than its limit)",
         "clip_service/http/front_door.py",
         "        if conn in self.reading:\n            del self.reading[conn]\n"
-        "            self.poller.unregister(conn.sock)\n            self.buffered -= len(conn.inbox)",
+        "            self.poller.unregister(conn.sock)\n            self.buffered -= conn.held",
         "        if conn in self.reading:\n            del self.reading[conn]\n"
-        "            self.poller.unregister(conn.sock)\n        self.buffered -= len(conn.inbox)",
+        "            self.poller.unregister(conn.sock)\n        self.buffered -= conn.held",
         ("tests/test_front_door.py::test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading",),
     ),
     Mutant(

@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify
 from clip_service.http.current import current_service
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
 from clip_service.http.page import ASSETS
+from clip_service.http.routes import OPEN_PATHS
 from clip_service.http.search import MAX_QUERY_CHARACTERS
 from clip_service.inputs.thumbnails import THUMBNAIL_SIDE
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
@@ -487,8 +488,7 @@ def _search_post(settings: Settings) -> dict:
 def openapi_description(settings: Settings | None = None) -> dict:
     """The OpenAPI 3 description of the service configured by `settings` (default: the defaults)."""
     settings = settings or Settings()
-    open_route = {"security": []}
-    return {
+    description = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "clip-service",
@@ -507,20 +507,17 @@ def openapi_description(settings: Settings | None = None) -> dict:
                 "operationId": "webPage", "tags": ["operations"], "summary": "The web page",
                 "description": "An HTML page, with its stylesheet and script below, that calls /analyze "
                                "from the browser.",
-                **open_route,
                 "responses": _responses("500", success={
                     "description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}),
             }},
             **{f"/static/{name}": {"get": {
                 "operationId": f"webPage{name.split('.')[1].upper()}", "tags": ["operations"],
                 "summary": f"The page's {'stylesheet' if name.endswith('css') else 'script'}",
-                **open_route,
                 "responses": _responses("500", success={
                     "description": "The file.", "content": {mimetype: {"schema": {"type": "string"}}}}),
             }} for name, mimetype in ASSETS.items()},
             "/health": {"get": {
                 "operationId": "health", "tags": ["operations"], "summary": "Readiness",
-                **open_route,
                 "responses": {
                     **_responses("500", success=_json(_ref("schemas", "HealthReady"),
                                                       "The model is loaded and inference works.")),
@@ -561,7 +558,6 @@ def openapi_description(settings: Settings | None = None) -> dict:
             }},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "tags": ["operations"], "summary": "This description",
-                **open_route,
                 "responses": _responses("500", success=_json({"type": "object"}, "OpenAPI 3.0.")),
             }},
         },
@@ -574,6 +570,10 @@ def openapi_description(settings: Settings | None = None) -> dict:
             }},
         },
     }
+    for path in OPEN_PATHS:  # the routes that need no key, as http/routes.py declares them
+        for operation in description["paths"][path].values():
+            operation["security"] = []
+    return description
 
 
 @openapi_bp.get("/openapi.json")
