@@ -271,6 +271,14 @@ MUTANTS = (
         ("tests/test_overload.py::test_overload_refuses_with_503_and_health_stays_up",),
     ),
     Mutant(
+        "front-door-ends-the-worker-out-of-descriptors",
+        "running out of file descriptors in accept re-raises, which ends the worker and reloads the model",
+        "clip_service/http/front_door.py",
+        "            if error.errno in OUT_OF_DESCRIPTORS:",
+        "            if error.errno in ():",
+        ("tests/test_front_door.py::test_out_of_descriptors_the_door_pauses_accepting_instead_of_ending_the_worker",),
+    ),
+    Mutant(
         "file-opened-without-the-root",
         "file= is opened by its checked path, not beneath its root, so a folder swapped for a symlink "
         "after the check leads outside ALLOWED_FILE_ROOTS",

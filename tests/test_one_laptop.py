@@ -14,15 +14,20 @@ import socket
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 
+from clip_service.http.openapi import openapi_description
 from tests.support.images import image_bytes
 from tests.support.server import CLIP_SH, ClipServer, clip_sh_env, worker_pids
 
 pytestmark = pytest.mark.system
 
 REQUEST_TIMEOUT = 5
+# The Error shape every error answer has, as the API description states it.
+ERROR_SCHEMA = {**openapi_description()["components"]["schemas"]["Error"],
+                "components": openapi_description()["components"]}
 HEALTH_WITHIN = 1.0
 UPLOAD_WITHIN = 3.0
 
@@ -82,7 +87,8 @@ def assert_json_error(answer: bytes, status: int) -> dict:
     assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
     assert b"X-Content-Type-Options: nosniff" in head and b"Content-Type: application/json" in head
     document = json.loads(body)
-    assert document["status"] == "error" and document["error"]["message"]
+    jsonschema.validate(document, ERROR_SCHEMA)
+    assert document["error"]["message"]
     return document
 
 
@@ -191,7 +197,11 @@ def test_expect_100_continue_only_for_http_1_1_and_once(laptop_server):
     (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
     (b"POST /analyze HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked \r\n\r\n", 411),
-    (b"get /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # gunicorn refuses it, in the same shape
+    (b"get /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # gunicorn would refuse it
+    (b"GET /analyze?labels=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9_000 + b"\r\n\r\n", 431),
+    (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n", 413),
 ])
 def test_every_refusal_has_the_error_shape_and_nosniff(laptop_server, raw, status):
     with socket.create_connection(("127.0.0.1", laptop_server.port)) as sock:
@@ -223,3 +233,22 @@ def test_out_of_descriptors_the_worker_lives_and_health_answers(labels_dir, emoj
           f"{upload:.3f} s")
     assert "Errno 24" not in log and log.count("Booting worker") == 1 and status == 0
     assert health < HEALTH_WITHIN and upload < UPLOAD_WITHIN
+
+
+def test_many_cheap_requests_do_not_delay_the_probe(laptop_server):
+    """Finding 6: 150 connections each asking for /labels at once; /health has a thread of its own."""
+    socks = held(laptop_server.port, b"GET /labels HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                 count=150)
+    try:
+        slowest = 0.0
+        for _ in range(5):
+            began = time.monotonic()
+            assert requests.get(f"{laptop_server.base}/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.monotonic() - began)
+        answered = sum(answer_of(sock, 10).startswith(b"HTTP/1.1 200 ") for sock in socks[:5])
+    finally:
+        for sock in socks:
+            sock.close()
+    print(f"\n150 concurrent /labels: /health slowest {slowest:.3f} s")
+    assert answered == 5
+    assert slowest < HEALTH_WITHIN

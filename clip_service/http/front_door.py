@@ -44,7 +44,7 @@ from gunicorn.workers import gthread
 
 from clip_service.errors import DeadlineExceeded
 from clip_service.http.limits import BodyLimits
-from clip_service.http.routes import ARRIVED_KEY, is_light
+from clip_service.http.routes import ARRIVED_KEY, is_light, is_probe
 
 LIGHT_THREADS = 2
 HEAD_LIMIT = 64 * 1024  # request line and headers together
@@ -295,9 +295,11 @@ class FrontDoorWorker(gthread.ThreadWorker):
         self.buffered = 0
         self.accept_paused_until = 0.0
         self.light_pool: futures.ThreadPoolExecutor | None = None
+        self.probe_pool: futures.ThreadPoolExecutor | None = None
 
     def init_process(self):
         self.light_pool = futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="clip-light")
+        self.probe_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="clip-probe")
         # Descriptors are a budget: stop accepting before the process runs out of them.
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY:
@@ -506,7 +508,12 @@ class FrontDoorWorker(gthread.ThreadWorker):
                 return
             self.heavy_in_flight += 1
             conn.heavy = True
-        pool = self.light_pool if light else self.tpool
+        if not light:
+            pool = self.tpool
+        elif is_probe(conn.head.method, conn.head.path) and self.probe_pool is not None:
+            pool = self.probe_pool
+        else:
+            pool = self.light_pool
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda done: self.method_queue.defer(self.finish_request, conn, done))
 

@@ -17,12 +17,14 @@ ARRIVED_KEY = "clip_service.arrived"
 @dataclass(frozen=True)
 class Route:
     """`light`: cheap, answered on the door's own threads under any load (never with a body);
-    otherwise it takes one of MAX_QUEUE places. `open`: needs no API key and takes any origin.
+    otherwise it takes one of MAX_QUEUE places. `probe`: light, with a thread of its own, so that no
+    number of other light requests delays it. `open`: needs no API key and takes any origin.
     `many_files`: a multipart body may carry BATCH_FILES_MAX images."""
 
     path: str
     methods: tuple[str, ...]
     light: bool = False
+    probe: bool = False
     open: bool = False
     many_files: bool = False
 
@@ -31,7 +33,7 @@ ROUTES = (
     Route("/", ("GET",), light=True, open=True),
     Route("/static/page.css", ("GET",), light=True, open=True),
     Route("/static/page.js", ("GET",), light=True, open=True),
-    Route("/health", ("GET",), light=True, open=True),
+    Route("/health", ("GET",), light=True, probe=True, open=True),
     Route("/openapi.json", ("GET",), light=True, open=True),
     Route("/metrics", ("GET",), light=True),
     Route("/labels", ("GET",), light=True),
@@ -55,6 +57,12 @@ def is_light(method: str, path: str) -> bool:
     or 405 costs nothing). The door sends any request with a body to the MAX_QUEUE lane instead."""
     route = BY_PATH.get(path)
     return method == "OPTIONS" or route is None or route.light
+
+
+def is_probe(method: str, path: str) -> bool:
+    """The readiness probe: the orchestrator stops a worker whose /health misses its 2 s timeout."""
+    route = BY_PATH.get(path)
+    return method != "OPTIONS" and route is not None and route.probe
 
 
 def is_open(method: str, path: str) -> bool:
