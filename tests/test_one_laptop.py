@@ -9,6 +9,7 @@ stops a CLIP worker whose /health misses its 2 s timeout).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import socket
 import time
@@ -19,7 +20,9 @@ import pytest
 import requests
 
 from clip_service.http.openapi import openapi_description
+from tests.support.http_fixtures import free_port
 from tests.support.images import image_bytes
+from tests.support.nginx import nginx_config, require_nginx, start_nginx, stop_nginx, wait_listening
 from tests.support.server import CLIP_SH, ClipServer, clip_sh_env, worker_pids
 
 pytestmark = pytest.mark.system
@@ -30,6 +33,9 @@ ERROR_SCHEMA = {**openapi_description()["components"]["schemas"]["Error"],
                 "components": openapi_description()["components"]}
 HEALTH_WITHIN = 1.0
 UPLOAD_WITHIN = 3.0
+# Finding 1: a blank line before the request line, a body announced and never sent.
+BLANK_LINE_FIRST = (b"\r\nPOST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: 1000\r\n\r\n")
 
 
 def env_for(labels_dir, emoji_file, model_dir, folder: Path, **settings) -> dict[str, str]:
@@ -93,8 +99,7 @@ def assert_json_error(answer: bytes, status: int) -> dict:
 
 
 @pytest.mark.parametrize("raw", [
-    # finding 1: a blank line before the request line, a body announced and never sent
-    b"\r\nPOST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n",
+    BLANK_LINE_FIRST,
     b"\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",
 ])
 def test_a_head_the_door_cannot_parse_is_its_own_400_and_takes_no_thread(laptop_server, raw):
@@ -252,3 +257,34 @@ def test_many_cheap_requests_do_not_delay_the_probe(laptop_server):
     print(f"\n150 concurrent /labels: /health slowest {slowest:.3f} s")
     assert answered == 5
     assert slowest < HEALTH_WITHIN
+
+
+@pytest.fixture(scope="module")
+def through_nginx(laptop_server, tmp_path_factory):
+    """services/nginx-clip.conf in front of the module's CLIP.sh: a ClipServer-like view of it."""
+    require_nginx()
+    port = free_port()
+    nginx = start_nginx(nginx_config(tmp_path_factory.mktemp("nginx"), port, [laptop_server.port]))
+    view = copy.copy(laptop_server)
+    view.port, view.base = port, f"http://127.0.0.1:{port}"
+    try:
+        wait_listening(view.base, nginx)
+        yield view
+    finally:
+        stop_nginx(nginx)
+
+
+@pytest.mark.parametrize(("raw", "receive_buffer"), [
+    (BLANK_LINE_FIRST, None),
+    (b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+    (b"GET /labels HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100, 4096),
+], ids=["blank line first", "chunked to a light path", "not reading"])
+def test_the_same_attacks_through_nginx(through_nginx, raw, receive_buffer):
+    socks = held(through_nginx.port, raw, receive_buffer=receive_buffer)
+    try:
+        health, upload = bystander(through_nginx)
+    finally:
+        for sock in socks:
+            sock.close()
+    print(f"\nthrough nginx: /health slowest {health:.3f} s, upload slowest {upload:.3f} s")
+    assert health < HEALTH_WITHIN and upload < UPLOAD_WITHIN

@@ -56,6 +56,7 @@ FD_RESERVE = 64  # descriptors kept for the model's files, logs, pipes and linge
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 HTTP_VERSIONS = (b"1.0", b"1.1")
 BARE_LF = re.compile(rb"(?<!\r)\n")
+TARGET_BYTES = re.compile(rb"[^\x20-\x7e]")  # what a request line may not hold, raw
 CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no field value holds these (RFC 9110, 5.5)
 
 _thread = threading.local()
@@ -449,6 +450,9 @@ class FrontDoorWorker(gthread.ThreadWorker):
             elif error.error_status_hint == 501:
                 self._refuse(conn, 501, "That Transfer-Encoding is not supported; send the request with a "
                                         "Content-Length")
+            elif conn.head is None and TARGET_BYTES.search(conn.inbox.partition(b"\n")[0].rstrip(b"\r")):
+                self._refuse(conn, 400, "The request line holds bytes that are not printable ASCII; "
+                                        "percent-encode the values as UTF-8 (e.g. curl -G --data-urlencode)")
             else:
                 self._refuse(conn, 400, f"The request could not be parsed as HTTP/1.1 ({error}); "
                                         "send a well-formed request")
