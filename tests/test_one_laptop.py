@@ -264,7 +264,8 @@ def through_nginx(laptop_server, tmp_path_factory):
     """services/nginx-clip.conf in front of the module's CLIP.sh: a ClipServer-like view of it."""
     require_nginx()
     port = free_port()
-    nginx = start_nginx(nginx_config(tmp_path_factory.mktemp("nginx"), port, [laptop_server.port]))
+    upstreams = [laptop_server.port] * 2  # the shipped config names two instances
+    nginx = start_nginx(nginx_config(tmp_path_factory.mktemp("nginx"), port, upstreams))
     view = copy.copy(laptop_server)
     view.port, view.base = port, f"http://127.0.0.1:{port}"
     try:

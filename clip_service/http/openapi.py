@@ -224,6 +224,14 @@ def _error_responses() -> dict:
             {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                              "schema": {"type": "integer", "minimum": 0}}}),
         "Timeout": _error("The request took longer than REQUEST_TIMEOUT."),
+        "RequestTimeout": _error("The request did not arrive whole within REQUEST_TIMEOUT of its first byte "
+                                 "(the front door, under CLIP.sh)."),
+        "LengthRequired": _error("The body was sent chunked; send it with a Content-Length."),
+        "RequestLineTooLong": _error("The request line is over 8,190 bytes; send long parameters (such as "
+                                     "labels) as POST form fields."),
+        "HeadersTooLarge": _error("The request line and headers are over 64 KiB, or a header is over 8,190 "
+                                  "bytes."),
+        "TransferCodingNotImplemented": _error("A Transfer-Encoding other than chunked."),
     }
 
 
@@ -254,6 +262,11 @@ def _option_properties(settings: Settings) -> dict:
             for p in _option_parameters(settings, "query")}
 
 
+# What the front door (http/front_door.py) answers itself on any route, before the app sees the request.
+FRONT_DOOR_ANSWERS = {"408": "RequestTimeout", "411": "LengthRequired", "414": "RequestLineTooLong",
+                      "431": "HeadersTooLarge", "501": "TransferCodingNotImplemented"}
+
+
 def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString",
                overrides: dict[str, str] | None = None) -> dict:
     """200, and 400 and the other error answers named by their codes.
@@ -263,9 +276,10 @@ def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString",
     """
     names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
              "413": "PayloadTooLarge", "500": "InternalError", "502": "BadGateway", "503": "Unavailable",
-             "504": "Timeout"}
+             "504": "Timeout", **FRONT_DOOR_ANSWERS}
     names.update(overrides or {})
-    return {"200": success, **{code: _ref("responses", names[code]) for code in ("400", *codes)}}
+    return {"200": success, **{code: _ref("responses", names[code])
+                               for code in ("400", *codes, *FRONT_DOOR_ANSWERS)}}
 
 
 ALIAS = ("The same as /analyze (same checks, options and answers), under the name the animal-farm "
