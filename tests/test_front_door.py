@@ -520,3 +520,27 @@ def test_the_door_frames_odd_requests_alike_at_every_split_and_as_gunicorn_reads
             assert gunicorn_reads(request) == (head.method, head.path, request[1])
     if expected[0][0] == "handed on":
         assert expected[-1] == ("handed on", PIPELINED, b""), "the pipelined request starts where h11 said"
+
+
+def test_reading_a_body_past_the_deadline_fails_each_read():
+    """The multipart parse reads the body in many pieces: past REQUEST_TIMEOUT the next read is a 504."""
+    import io
+
+    from clip_service.errors import DeadlineExceeded
+    from clip_service.http.front_door import StampArrival, _thread
+
+    seen = {}
+
+    def app(environ, start_response):
+        seen["first"] = environ["wsgi.input"].read(3)
+        time.sleep(0.3)
+        with pytest.raises(DeadlineExceeded):
+            environ["wsgi.input"].read(3)
+        return []
+
+    _thread.arrived = time.monotonic()
+    try:
+        StampArrival(app, request_timeout=0.2)({"wsgi.input": io.BytesIO(b"abcdef")}, None)
+    finally:
+        _thread.arrived = None
+    assert seen["first"] == b"abc"
