@@ -109,7 +109,7 @@ class DoorUnderTest:
         worker.poller = selectors.DefaultSelector()
         worker.method_queue.init()
         self.release = threading.Event()
-        worker.handle = lambda conn: (self.release.wait(10) and False, b"")
+        worker.handle = lambda conn: (self.release.wait(10) and False, b"", 0)
         self.worker, self.clients = worker, []
 
     def connect(self) -> socket.socket:

@@ -527,14 +527,14 @@ class FrontDoorWorker(gthread.ThreadWorker):
             self.heavy_in_flight -= 1
             conn.heavy = False
         try:
-            keep_alive, answer = fs.result()
+            keep_alive, answer, sent = fs.result()
         except Exception:  # noqa: BLE001 - handle() answers every failure; this is the last resort
-            keep_alive, answer = False, b""
+            keep_alive, answer, sent = False, b"", 0
         conn.request = []
         if not answer:
             self._close(conn)
             return
-        conn.outbox = memoryview(answer)
+        conn.outbox = memoryview(answer)[sent:]
         conn.keep_alive = keep_alive and self.alive
         self.writing[conn] = time.monotonic() + self.request_timeout
         self._on_writable(conn)
@@ -651,8 +651,10 @@ class FrontDoorWorker(gthread.ThreadWorker):
 
     # --- a pool thread's side: gunicorn's parser and the app, on bytes in memory ---
 
-    def handle(self, conn: DoorConnection) -> tuple[bool, bytes]:
-        """Serve the request the door read; (keep the connection alive?, the whole answer)."""
+    def handle(self, conn: DoorConnection) -> tuple[bool, bytes, int]:
+        """Serve the request the door read; (keep the connection alive?, the whole answer, how much of
+        it is sent). The thread sends what the socket takes at once, never waiting (the socket is
+        non-blocking): the event loop sends the rest, so a busy loop does not delay a short answer."""
         _thread.arrived = conn.arrived
         answer = Answer()
         # The body in the pieces it arrived in: gunicorn's reader copies at most one piece per read.
@@ -666,7 +668,10 @@ class FrontDoorWorker(gthread.ThreadWorker):
         except Exception as error:  # noqa: BLE001 - gunicorn's own rule: every failure gets an answer
             self.handle_error(req, answer, conn.client, error)
             keep_alive = False
-        return keep_alive, answer.getvalue()
+        data, sent = answer.getvalue(), 0
+        with contextlib.suppress(OSError):  # full (BlockingIOError) or gone: the event loop sees to it
+            sent = conn.sock.send(data)
+        return keep_alive, data, sent
 
     def handle_error(self, req, client, addr, exc):
         """gunicorn's answer to a request it could not parse or serve, in the service's error shape."""
