@@ -11,8 +11,9 @@ blocking:
 - a thread gets a request only when its head and whole body are in memory, rendered again by the door
   from what h11 parsed (one Content-Length, no Expect, no leading blank line), so gunicorn's parser,
   which builds the WSGI environ, can never disagree with the door on where a request starts and ends;
-- the answer is written into memory by the thread and sent by the event loop, which drops a client
-  that has not taken it within REQUEST_TIMEOUT;
+- the answer is written into memory by the thread, which sends what the socket takes at once without
+  waiting; the event loop sends the rest, and drops a client that has not taken it within
+  REQUEST_TIMEOUT;
 - light routes without a body (/health, the page, CORS preflights: http/routes.py) go to a small pool
   of their own, so they answer under any load; every other request takes one of at most MAX_QUEUE
   places, or gets a 503 with Retry-After at once.
