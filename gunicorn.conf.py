@@ -26,9 +26,13 @@ from clip_service.startup import preflight_or_exit, worker_count  # noqa: E402
 _settings = preflight_or_exit()
 
 bind = f"{_settings.bind_host}:{_settings.port}"
-# gthread behind a front door: requests are read in full by the event loop, under REQUEST_TIMEOUT from
-# arrival, before they take a thread; past MAX_QUEUE they get 503 at once; /health has its own threads.
+# gthread behind a front door: requests are framed by h11 and read in full by the event loop, under
+# REQUEST_TIMEOUT from arrival, before they take a thread, and answers are sent by the loop; past
+# MAX_QUEUE they get 503 at once; /health has a thread of its own.
 worker_class = "clip_service.http.front_door.FrontDoorWorker"
+# Connections per worker, refused ones still draining included; the door keeps it FD_RESERVE under the
+# process's descriptor limit (the systemd units raise that with LimitNOFILE).
+worker_connections = 1000
 # One worker holds one model. On a CPU one worker (its inference threads use every core); on a GPU,
 # several per GPU, because one worker's Python work (HTTP, decoding) cannot keep a GPU busy.
 workers = worker_count(_settings)

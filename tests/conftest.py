@@ -24,8 +24,9 @@ import pytest
 from clip_service import Settings, create_app
 from tests.support import guard
 from tests.support.http_fixtures import LocalServer
+from tests.support.live_client import LiveClient
 from tests.support.models import load_tiny_engine, write_tiny_clip
-from tests.support.server import clean_environment, clip_sh_env
+from tests.support.server import ROOT, ClipServer, clean_environment, clip_sh_env
 from tests.support.trained_clip import trained_model
 from tests.support.vocabulary import EMOJI, LABELS
 
@@ -202,3 +203,23 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name)
     monkeypatch.setenv("CLIP_ENV_FILE", cleaned["CLIP_ENV_FILE"])
     return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def clip_sh(tiny_model_dir, labels_dir, emoji_file, tmp_path_factory):
+    """One CLIP.sh for the session, configured as the `settings` fixture's app (file= under any test's
+    tmp_path), behind the fail-closed network fence of tests/support/fence: the hostile cases and the
+    API description's checks run through the front door and gunicorn as well as in-process."""
+    folder = tmp_path_factory.mktemp("clip-sh")
+    env = clip_sh_env(f"local-dir:{tiny_model_dir}", labels_dir, emoji_file, folder / "cache", api_port=9,
+                      api_timeout=0.2, ALLOWED_FILE_ROOTS=tmp_path_factory.getbasetemp(),
+                      PYTHONPATH=f"{ROOT / 'tests' / 'support' / 'fence'}:{ROOT}")
+    server = ClipServer(env, folder / "clip-sh.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clip_sh_client(clip_sh) -> LiveClient:
+    """Flask's test client's calls, sent to the session's CLIP.sh."""
+    return LiveClient(clip_sh.port)

@@ -256,9 +256,9 @@ MUTANTS = (
         "refuses uploads it has room for (or admits more than its limit)",
         "clip_service/http/front_door.py",
         "        if conn in self.reading:\n            del self.reading[conn]\n"
-        "            self.poller.unregister(conn.sock)\n            self.buffered -= len(conn.inbox)",
+        "            self.poller.unregister(conn.sock)\n            self.buffered -= conn.held",
         "        if conn in self.reading:\n            del self.reading[conn]\n"
-        "            self.poller.unregister(conn.sock)\n        self.buffered -= len(conn.inbox)",
+        "            self.poller.unregister(conn.sock)\n        self.buffered -= conn.held",
         ("tests/test_front_door.py::test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading",),
     ),
     Mutant(
@@ -269,6 +269,14 @@ MUTANTS = (
         "if self.heavy_in_flight >= self.max_queue:",
         "if self.heavy_in_flight > self.max_queue:",
         ("tests/test_overload.py::test_overload_refuses_with_503_and_health_stays_up",),
+    ),
+    Mutant(
+        "front-door-ends-the-worker-out-of-descriptors",
+        "running out of file descriptors in accept re-raises, which ends the worker and reloads the model",
+        "clip_service/http/front_door.py",
+        "            if error.errno in OUT_OF_DESCRIPTORS:",
+        "            if error.errno in ():",
+        ("tests/test_front_door.py::test_out_of_descriptors_the_door_pauses_accepting_instead_of_ending_the_worker",),
     ),
     Mutant(
         "file-opened-without-the-root",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import errno
 import gc
 import logging
 import os
@@ -52,27 +53,30 @@ def door_server(server_env, slow_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    (b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", ("GET", "/health", 0, False, None)),
-    (b"POST /analyze?x=1 HTTP/1.1\r\nContent-Length: 12\r\n\r\nbody", ("POST", "/analyze", 12, False, None)),
-    (b"POST http://h/analyze HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-     ("POST", "/analyze", 0, True, None)),
-    (b"POST /analyze HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-     ("POST", "/analyze", 3, False, (24, 46))),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", ("GET", "/health", 0, False, False)),
+    (b"POST /analyze?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\r\nbody",
+     ("POST", "/analyze", 12, False, False)),
+    (b"POST http://h/analyze HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+     ("POST", "/analyze", 0, True, False)),
+    (b"POST /analyze HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+     ("POST", "/analyze", 3, False, True)),
+    (b"POST /analyze HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+     ("POST", "/analyze", 3, False, False)),  # no 100 Continue for HTTP/1.0
+    (b"GET /heal%74h HTTP/1.1\r\nHost: h\r\n\r\n", ("GET", "/health", 0, False, False)),  # as PATH_INFO
 ])
 def test_parse_head_reads_what_routing_and_sizing_need(raw, expected):
     head = parse_head(raw)
-    assert (head.method, head.path, head.content_length, head.chunked, head.expect_line) == expected
-    assert head.size == raw.index(b"\r\n\r\n") + 4
-    if head.expect_line:
-        start, end = head.expect_line
-        assert raw[start:end] == b"Expect: 100-continue\r\n"
+    assert (head.method, head.path, head.content_length, head.chunked, head.expects_continue) == expected
 
 
 @pytest.mark.parametrize("raw", [
     b"GET /health\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
-    b"POST /analyze HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-    b"POST /analyze HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    b"\r\nGET /health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: -5\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /health HTTP/2.0\r\nHost: h\r\n\r\n",
 ])
 def test_parse_head_refuses_malformed_heads(raw):
     with pytest.raises(ValueError):
@@ -105,13 +109,13 @@ class DoorUnderTest:
         worker.poller = selectors.DefaultSelector()
         worker.method_queue.init()
         self.release = threading.Event()
-        worker.handle = lambda conn: self.release.wait(10) and False
+        worker.handle = lambda conn: (self.release.wait(10) and False, b"", 0)
         self.worker, self.clients = worker, []
 
     def connect(self) -> socket.socket:
         client, server = socket.socketpair()
         address = ("127.0.0.1", 1)
-        conn = DoorConnection(self.worker.cfg, server, address, address, self.worker._linger)
+        conn = DoorConnection(self.worker.cfg, server, address, address)
         self.worker.nr_conns += 1
         self.worker._start_reading(conn, b"")
         self.clients.append(client)
@@ -165,6 +169,42 @@ def test_the_door_counts_only_the_bytes_of_requests_it_is_still_reading():
         assert late.recv(4096).startswith(b"HTTP/1.1 408 ")
         assert door.worker.buffered == 0 and not door.worker.reading
     finally:
+        door.close()
+
+
+def test_out_of_descriptors_the_door_pauses_accepting_instead_of_ending_the_worker():
+    class Exhausted:
+        def accept(self):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    door = DoorUnderTest(max_queue=1)
+    try:
+        door.worker.sockets = []
+        door.worker._accepting = True
+        door.worker.accept(Exhausted())  # gthread re-raises, and the worker exits
+        assert not door.worker._accepting and door.worker.accept_paused_until > time.monotonic()
+        door.worker.set_accept_enabled(True)
+        assert not door.worker._accepting, "paused for ACCEPT_PAUSE_SECONDS"
+    finally:
+        door.close()
+
+
+def test_at_the_connection_cap_the_oldest_idle_connection_makes_room():
+    door = DoorUnderTest(max_queue=1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        door.worker.worker_connections = 2
+        idle, slow = door.connect(), door.connect()
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
+        door.turn()
+        newcomer = socket.create_connection(listener.getsockname())
+        door.worker.accept(listener)
+        assert door.worker.nr_conns == 2 and len(door.worker.reading) == 2
+        idle.settimeout(5)
+        assert idle.recv(4096).startswith(b"HTTP/1.1 503 "), "the oldest connection made room"
+        newcomer.close()
+    finally:
+        listener.close()
         door.close()
 
 
@@ -392,3 +432,115 @@ def test_clients_that_never_close_do_not_stall_the_event_loop(door_server):
             sock.close()
     print(f"\n40 clients holding closed answers open: /health slowest {slowest:.3f} s")
     assert slowest < 1.0
+
+
+# Odd requests, each followed by a pipelined GET /health: the door must frame them the same way however
+# the bytes arrive, and what it hands on must be what gunicorn's parser then reads.
+ODD_REQUESTS = [
+    b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"\r\nPOST /analyze HTTP/1.1\r\nHost: h\r\nContent-Type: image/png\r\nContent-Length: 4\r\n\r\nabcd",
+    b"\r\n\r\nGET /health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked \r\n\r\n0\r\n\r\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n",
+    b"GET /health HTTP/1.1\nHost: h\n\n",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: +4\r\n\r\nabcd",
+    b"POST /analyze HTTP/1.1\r\nHost: h\r\nContent-Length: 0x4\r\n\r\nabcd",
+    b"GET /health\r\n\r\n",
+    b"GET http://h/health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST /analyze HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nab",
+    b"OPTIONS /analyze HTTP/1.1\r\nHost: h\r\nOrigin: http://h\r\n\r\n",
+    b"GET /hea%6Cth?x=%00 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nX\x00Y: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nX: \x01\r\n\r\n",
+    b"get /health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"PUT /health HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+]
+PIPELINED = b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def door_verdicts(raw: bytes, splits: list[int]) -> list:
+    """What the door does with `raw` arriving in pieces cut at `splits`: the requests it hands on
+    (method, path, body) and the refusal that ends the connection, if any."""
+    door = FrontDoorWorker(0, os.getpid(), [], None, 30, Config(), logging.getLogger("door-test"))
+    door.poller = selectors.DefaultSelector()
+    verdicts = []
+
+    def hand_on(conn, light):
+        door._forget(conn)
+        verdicts.append(("handed on", conn.request[0], b"".join(conn.request[1:])))
+        door._start_reading(conn, conn.leftover)  # as once its answer is sent
+
+    def refuse(conn, status, message, retry_after=None):
+        door._forget(conn)
+        verdicts.append(("refused", status))
+
+    door._hand_on, door._refuse = hand_on, refuse
+    client, server = socket.socketpair()
+    try:
+        conn = DoorConnection(door.cfg, server, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        door._start_reading(conn, b"")
+        for start, end in zip([0, *splits], [*splits, len(raw)], strict=True):
+            if conn not in door.reading:
+                break
+            door._receive(conn, raw[start:end])
+            door._advance(conn)
+    finally:
+        client.close()
+        server.close()
+        door.poller.close()
+    return verdicts
+
+
+def gunicorn_reads(request: list[bytes]) -> tuple[str, str, bytes]:
+    from gunicorn import http, util
+
+    parsed = next(http.get_parser(Config(), iter(request), ("127.0.0.1", 1)))
+    return parsed.method, util.unquote_to_wsgi_str(parsed.path), parsed.body.read()
+
+
+@pytest.mark.parametrize("raw", ODD_REQUESTS, ids=range(len(ODD_REQUESTS)))
+def test_the_door_frames_odd_requests_alike_at_every_split_and_as_gunicorn_reads_them(raw):
+    whole = raw + PIPELINED
+    expected = door_verdicts(whole, [])
+    assert expected, "every request gets a verdict"
+    for split in range(1, len(whole)):
+        assert door_verdicts(whole, [split]) == expected, f"cut at byte {split}"
+    assert door_verdicts(whole, list(range(1, len(whole)))) == expected, "a byte at a time"
+    for kind, *request in expected:
+        if kind == "handed on":  # gunicorn reads exactly what the door framed
+            head = parse_head(request[0])
+            assert gunicorn_reads(request) == (head.method, head.path, request[1])
+    if expected[0][0] == "handed on":
+        assert expected[-1] == ("handed on", PIPELINED, b""), "the pipelined request starts where h11 said"
+
+
+def test_reading_a_body_past_the_deadline_fails_each_read():
+    """The multipart parse reads the body in many pieces: past REQUEST_TIMEOUT the next read is a 504."""
+    import io
+
+    from clip_service.errors import DeadlineExceeded
+    from clip_service.http.front_door import StampArrival, _thread
+
+    seen = {}
+
+    def app(environ, start_response):
+        seen["first"] = environ["wsgi.input"].read(3)
+        time.sleep(0.3)
+        with pytest.raises(DeadlineExceeded):
+            environ["wsgi.input"].read(3)
+        return []
+
+    _thread.arrived = time.monotonic()
+    try:
+        StampArrival(app, request_timeout=0.2)({"wsgi.input": io.BytesIO(b"abcdef")}, None)
+    finally:
+        _thread.arrived = None
+    assert seen["first"] == b"abc"

@@ -9,6 +9,7 @@ service open a connection (the conftest network fence records any attempt).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import ipaddress
 import os
@@ -18,10 +19,21 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support.images import image_bytes
+from tests.support.live_client import LiveClient
 from tests.support.responses import assert_error, assert_success
 from tests.support.waiting import no_hang
 
 PNG = image_bytes("PNG", (40, 30))
+
+
+@pytest.fixture(params=["app", pytest.param("CLIP.sh", marks=pytest.mark.system)])
+def client(request):
+    """Each case twice: through the app in-process, and through CLIP.sh (the front door and gunicorn)."""
+    if request.param == "app":
+        return request.getfixturevalue("app").test_client()
+    if "fake_dns" in inspect.signature(request.function).parameters:
+        pytest.skip("CLIP.sh resolves through the fail-closed fence, not this test's fake_dns")
+    return request.getfixturevalue("clip_sh_client")
 
 
 @pytest.fixture
@@ -34,10 +46,18 @@ def private_client(make_app, settings):
 # Over-long values, NUL bytes, bytes that are not UTF-8.
 
 
+def assert_too_long(client, response, *fragments) -> None:
+    """400 naming the value from the app; from CLIP.sh the front door refuses the request line first."""
+    if isinstance(client, LiveClient):
+        assert_error(response, 414, "request line", "POST form")
+    else:
+        assert_error(response, 400, *fragments)
+
+
 def test_over_long_url_is_400(client, network_fence):
     url = "http://example.com/" + "a" * (10_000 - len("http://example.com/"))
     assert len(url) == 10_000
-    assert_error(client.get("/analyze", query_string={"url": url}), 400, "too long", "10000")
+    assert_too_long(client, client.get("/analyze", query_string={"url": url}), "too long", "10000")
     assert network_fence == []
 
 
@@ -47,7 +67,7 @@ def test_over_long_path_is_400(shape, client, tmp_path):
         path = f"{tmp_path}/{'a' * 10_000}.png"  # one name over NAME_MAX (255)
     else:
         path = f"{tmp_path}/" + "d/" * 5_000 + "x.png"  # a path over PATH_MAX (4096)
-    assert_error(client.get("/analyze", query_string={"file": path}), 400, "too long")
+    assert_too_long(client, client.get("/analyze", query_string={"file": path}), "too long")
 
 
 @pytest.mark.parametrize("url", [

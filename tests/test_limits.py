@@ -34,9 +34,10 @@ def test_the_json_limit_holds_the_largest_valid_texts_request():
 
 
 def test_the_door_reads_the_body_kind_from_the_head():
-    head = parse_head(b"POST /embed HTTP/1.1\r\nContent-Type: Multipart/Form-Data; boundary=x\r\n"
+    head = parse_head(b"POST /embed HTTP/1.1\r\nHost: h\r\nContent-Type: Multipart/Form-Data; boundary=x\r\n"
                       b"Content-Length: 9\r\n\r\n")
     assert head.media_type == "multipart/form-data" and head.content_length == 9
-    json_head = parse_head(b"POST /embed HTTP/1.1\r\nContent-Type: Application/JSON; charset=utf-8\r\n\r\n")
+    json_head = parse_head(b"POST /embed HTTP/1.1\r\nHost: h\r\n"
+                           b"Content-Type: Application/JSON; charset=utf-8\r\n\r\n")
     assert json_head.media_type == "application/json"
-    assert parse_head(b"GET /embed HTTP/1.1\r\n\r\n").media_type == ""
+    assert parse_head(b"GET /embed HTTP/1.1\r\nHost: h\r\n\r\n").media_type == ""

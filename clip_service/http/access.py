@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 from flask import Flask, request
 
 from clip_service.errors import Forbidden, ServiceError
+from clip_service.http.routes import OPEN_PATHS, is_open
 
-# Probes, the static page with its two files, and the API description: no data behind them.
-OPEN_PATHS = {"/health", "/", "/static/page.css", "/static/page.js", "/openapi.json"}
+# OPEN_PATHS: the routes without a key, declared in http/routes.py
+__all__ = ["OPEN_PATHS", "MisdirectedHost", "Unauthorized", "host_name", "install_access_control"]
 # A page's subresource requests say where they come from even without an Origin header.
 FOREIGN_FETCH_SITES = {"cross-site", "same-site"}
 
@@ -50,7 +51,7 @@ def install_access_control(app: Flask, api_key: str, cors_origins: tuple[str, ..
 
     @app.before_request
     def _refuse_foreign_pages():
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if is_open(request.method, request.path):
             return None
         origin = request.headers.get("Origin")
         if origin is not None:
@@ -68,7 +69,7 @@ def install_access_control(app: Flask, api_key: str, cors_origins: tuple[str, ..
 
     @app.before_request
     def _require_key():
-        if not key or request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if not key or is_open(request.method, request.path):
             return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):

@@ -12,9 +12,8 @@ from flask import Blueprint, jsonify, request
 
 from clip_service.errors import BadInput
 from clip_service.http.bodies import analyze_body, batch_body
-from clip_service.http.current import current_service
+from clip_service.http.current import admitted, current_service
 from clip_service.http.errors import elapsed
-from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import parse_options, single_value
 
@@ -47,7 +46,7 @@ def uploads(most: int) -> list[bytes]:
 def _analyze(url_name: str | None, file_name: str | None):
     """/analyze with the query names of the URL and server-file inputs (None: not taken here)."""
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
+    with admitted() as deadline:
         url = single_value(request.args.getlist, url_name) if url_name else None
         path = single_value(request.args.getlist, file_name) if file_name else None
         upload = uploads(1)[0] if request.method == "POST" else None
@@ -96,7 +95,7 @@ def analyze_file_v2():
 @analyze_bp.post("/analyze/batch")
 def analyze_batch():
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
+    with admitted() as deadline:
         if _raw_body():
             raise BadInput("POST /analyze/batch needs a multipart/form-data body with one field named "
                            "file per image")

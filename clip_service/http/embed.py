@@ -15,9 +15,8 @@ from flask import Blueprint, jsonify, request
 from clip_service.errors import BadInput
 from clip_service.http.analyze import uploads
 from clip_service.http.bodies import embed_body
-from clip_service.http.current import current_service
+from clip_service.http.current import admitted, current_service
 from clip_service.http.errors import elapsed
-from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import check_text_budget, single_value
 from clip_service.tasks.embed import ENCODINGS
@@ -100,7 +99,7 @@ def json_object() -> object:
 @embed_bp.route("/embed", methods=["GET", "POST"])
 def embed():
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
+    with admitted() as deadline:
         url = single_value(request.args.getlist, "url")
         path = single_value(request.args.getlist, "file")
         query_texts = request.args.getlist("text") or None

@@ -1,23 +1,33 @@
-"""gunicorn's threaded worker behind a front door that reads whole requests before they take a thread.
+"""gunicorn's threaded worker behind a front door: the event loop frames, reads and answers; threads
+only compute.
 
-gthread hands every connection to one of THREADS threads, which then reads the request with blocking
-calls: a client dripping its headers or body holds a thread for as long as it likes, and requests
-beyond THREADS wait in an unbounded queue that neither MAX_QUEUE nor REQUEST_TIMEOUT can see. Here
-the worker's event loop reads each request (its headers and a Content-Length body) without blocking,
-under a deadline counted from the request's arrival, and hands on only a complete request:
-- light routes (/health, /metrics, the page) to a small pool of their own, so they answer under any
-  load;
-- every other request to one of at most MAX_QUEUE places, or a 503 with Retry-After at once.
-The arrival time travels to the app in the WSGI environ (ARRIVED_KEY), so REQUEST_TIMEOUT counts
-from the moment the first byte arrived, not from when a thread became free.
+gthread hands every connection to one of THREADS threads, which then reads the request and writes the
+answer with blocking calls: a client dripping its request or never reading its answer holds a thread
+for as long as it likes. Here the worker's event loop does all the talking to clients, without
+blocking:
+- requests are framed by one well-kept parser, h11, under a deadline counted from the request's
+  arrival; whatever h11 (or the door's limits) refuses is answered here with the service's JSON error
+  shape, before any thread;
+- a thread gets a request only when its head and whole body are in memory, rendered again by the door
+  from what h11 parsed (one Content-Length, no Expect, no leading blank line), so gunicorn's parser,
+  which builds the WSGI environ, can never disagree with the door on where a request starts and ends;
+- the answer is written into memory by the thread, which sends what the socket takes at once without
+  waiting; the event loop sends the rest, and drops a client that has not taken it within
+  REQUEST_TIMEOUT;
+- light routes without a body (/health, the page, CORS preflights: http/routes.py) go to a small pool
+  of their own, so they answer under any load; every other request takes one of at most MAX_QUEUE
+  places, or gets a 503 with Retry-After at once.
+The arrival time travels to the app in the WSGI environ (ARRIVED_KEY), so REQUEST_TIMEOUT counts from
+the moment the first byte arrived, not from when a thread became free.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
+import re
+import resource
 import selectors
 import signal
 import socket
@@ -27,26 +37,30 @@ from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+import h11
+from gunicorn import http
 from gunicorn.workers import gthread
 
+from clip_service.errors import DeadlineExceeded
 from clip_service.http.limits import BodyLimits
+from clip_service.http.routes import ARRIVED_KEY, is_light, is_probe
 
-ARRIVED_KEY = "clip_service.arrived"
-LIGHT_PATHS = frozenset({"/", "/health", "/metrics", "/labels", "/openapi.json", "/favicon.ico"})
 LIGHT_THREADS = 2
 HEAD_LIMIT = 64 * 1024  # request line and headers together
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 256 * 1024  # the most one recv() takes of a body (and what a thread's parser copies at once)
 READ_PER_EVENT = 4 * 1024 * 1024  # one fast upload must not keep the event loop from the others
 LINGER_SECONDS = 2.0  # after a refusal, how long unread request bytes are drained before closing
+ACCEPT_PAUSE_SECONDS = 0.5  # out of descriptors: stop accepting this long, instead of ending the worker
+FD_RESERVE = 64  # descriptors kept for the model's files, logs, pipes and lingering sockets
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+HTTP_VERSIONS = (b"1.0", b"1.1")
+BARE_LF = re.compile(rb"(?<!\r)\n")
+TARGET_BYTES = re.compile(rb"[^\x20-\x7e]")  # what a request line may not hold, raw
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no field value holds these (RFC 9110, 5.5)
 
 _thread = threading.local()
-
-
-def is_light(head: Head) -> bool:
-    """Cheap requests that must answer under any load: health, metrics, the page, CORS preflights."""
-    return head.method == "OPTIONS" or head.path in LIGHT_PATHS or head.path.startswith("/static/")
 
 
 @dataclass(frozen=True)
@@ -54,46 +68,67 @@ class Head:
     """What the door needs to know of a request before its body."""
 
     method: str
-    path: str
+    path: str  # as the app sees it (PATH_INFO): percent-decoded, without the query or scheme and host
     content_length: int
     chunked: bool
-    size: int  # bytes of the request line and headers, blank line included
-    expect_line: tuple[int, int] | None  # (start, end) of an `Expect: 100-continue` line in the head
+    expects_continue: bool  # an HTTP/1.1 `Expect: 100-continue`
     media_type: str = ""  # Content-Type without parameters, lower case: sizes the body (http/limits.py)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.content_length > 0
+
+
+class Refusal(Exception):
+    """A request the door answers itself, with `status` and a message in the service's error shape."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def request_path(target: str) -> str:
+    """The path the app will route by, as gunicorn makes PATH_INFO of a request target."""
+    path = urlsplit(target).path if "://" in target else target.partition("?")[0].partition("#")[0]
+    return unquote(path, encoding="latin-1")
+
+
+def head_of(event: h11.Request, expects_continue: bool) -> Head:
+    """h11's parsed request line and headers -> Head; Refusal for what the door does not take."""
+    if event.http_version not in HTTP_VERSIONS:
+        raise Refusal(400, f"HTTP/{event.http_version.decode('latin-1')} is not spoken here; "
+                           "send HTTP/1.1")
+    lengths = [value for name, value in event.headers if name == b"content-length"]  # h11: one at most
+    chunked = any(name == b"transfer-encoding" for name, _ in event.headers)
+    if chunked and lengths:
+        raise Refusal(400, "Send either Content-Length or Transfer-Encoding, not both")
+    media_type = next((value.partition(b";")[0].strip().lower().decode("latin-1")
+                       for name, value in event.headers if name == b"content-type"), "")
+    return Head(event.method.decode("latin-1"), request_path(event.target.decode("latin-1")),
+                int(lengths[0]) if lengths else 0, chunked, expects_continue, media_type)
+
+
+def rendered_head(event: h11.Request) -> bytes:
+    """The request line and headers as gunicorn's parser is given them: h11's reading, in one canonical
+    form (CRLF lines, one Content-Length, no Expect: the door has answered it)."""
+    lines = [b"%s %s HTTP/%s" % (event.method, event.target, event.http_version)]
+    lines += [name + b": " + value for name, value in event.headers.raw_items()
+              if name.lower() != b"expect"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def parse_head(data: bytes) -> Head:
-    """The request line and headers (ending in a blank line) -> Head; ValueError if malformed.
-
-    Only what routing and sizing need is read; gunicorn's own parser still parses the request.
-    """
-    size = data.index(b"\r\n\r\n") + 4
-    lines = data[:size - 4].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise ValueError("malformed request line")
-    target = parts[1].decode("latin-1")
-    path = urlsplit(target).path if "://" in target else target.partition("?")[0]
-    lengths, chunked, expect_line, media_type = set(), False, None, ""
-    offset = len(lines[0]) + 2
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise ValueError("malformed header")
-        name, value = name.strip().lower(), value.strip().lower()
-        if name == b"content-length":
-            lengths.add(value)
-        elif name == b"transfer-encoding":
-            chunked = chunked or b"chunked" in value
-        elif name == b"expect" and value == b"100-continue":
-            expect_line = (offset, offset + len(line) + 2)
-        elif name == b"content-type":
-            media_type = value.partition(b";")[0].strip().decode("latin-1")
-        offset += len(line) + 2
-    if len(lengths) > 1 or any(not value.isdigit() for value in lengths):
-        raise ValueError("bad Content-Length")
-    return Head(parts[0].decode("latin-1"), path, int(lengths.pop()) if lengths else 0, chunked, size,
-                expect_line, media_type)
+    """A whole request head -> Head, read by h11 as the door reads it; ValueError if it is refused."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+    parser.receive_data(data)
+    try:
+        event = parser.next_event()
+        if not isinstance(event, h11.Request):
+            raise ValueError("not a whole request head")
+        return head_of(event, parser.they_are_waiting_for_100_continue)
+    except (h11.RemoteProtocolError, Refusal) as error:
+        raise ValueError(str(error)) from None
 
 
 def error_answer(status: int, message: str, seconds: float, retry_after: int | None = None) -> bytes:
@@ -108,40 +143,130 @@ def error_answer(status: int, message: str, seconds: float, retry_after: int | N
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
+class Answer:
+    """The socket a thread's gunicorn writes its answer to: memory, sent later by the event loop.
+
+    A thread never touches the client's socket, so a client that does not read holds no thread."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def sendall(self, data) -> None:
+        self.parts.append(bytes(data))
+
+    def send(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        file.seek(offset)
+        data = file.read(count) if count else file.read()
+        self.parts.append(data)
+        return len(data)
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, flag) -> None:
+        pass
+
+    def settimeout(self, value) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        return b""
+
+    def shutdown(self, how) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+@dataclass
+class Exchange:
+    """What gunicorn's handle_request needs of a connection: the answer's socket and the addresses."""
+
+    sock: Answer
+    client: object
+    server: object
+
+
 class DoorConnection(gthread.TConn):
-    """A connection with the bytes the door has read of its current request."""
+    """A connection with what the door has read of its current request, or has still to send."""
 
-    def __init__(self, cfg, sock, client, server, linger):
+    def __init__(self, cfg, sock, client, server, linger=None):
         super().__init__(cfg, sock, client, server)
-        self.linger = linger
         self.arrived = self.deadline = 0.0
-        self.inbox = bytearray()
+        self.parser: h11.Connection | None = None
+        self.inbox = bytearray()  # the head's raw bytes until h11 has read it (the 414 and LF checks)
+        self.held = 0  # bytes of this request the door holds, counted in the worker's `buffered`
+        self.request: list[bytes] = []  # the rendered head, then the body as it arrived
+        self.body_received = 0
         self.head: Head | None = None
+        self.leftover = b""  # bytes pipelined behind the request
         self.heavy = False
-
-    def close(self, graceful: bool = False) -> None:
-        """gunicorn closes gracefully from its event loop: hand that to the loop's lingering."""
-        if graceful:
-            self.linger(self.sock)
-        else:
-            super().close()
+        self.outbox = memoryview(b"")
+        self.keep_alive = False
+        self.write_registered = False
 
     def begin(self, pending: bytes, timeout: float) -> None:
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout
-        self.inbox = bytearray(pending)
+        self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+        self.inbox = bytearray()
+        self.held = 0
+        self.request = []
+        self.body_received = 0
         self.head = None
+        self.leftover = b""
         self.heavy = False
+
+    def close(self, graceful: bool = False) -> None:
+        gthread.util.close(self.sock)
+
+
+class DeadlineInput:
+    """wsgi.input that fails a read past the request's deadline: a large multipart body is parsed in
+    many reads, and none of them may take the request past REQUEST_TIMEOUT."""
+
+    def __init__(self, stream, deadline: float):
+        self.stream = stream
+        self.deadline = deadline
+
+    def _check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceeded("Reading the request body took past REQUEST_TIMEOUT; send a smaller "
+                                   "body or retry later")
+
+    def read(self, size: int = -1) -> bytes:
+        self._check()
+        return self.stream.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        self._check()
+        return self.stream.readline(size)
+
+    def __iter__(self):
+        return iter(self.readline, b"")
 
 
 class StampArrival:
-    """WSGI wrapper: puts the door's arrival time into the environ; otherwise the app itself."""
+    """WSGI wrapper: puts the door's arrival time into the environ and the deadline on the body's
+    reads; otherwise the app itself."""
 
-    def __init__(self, app):
+    def __init__(self, app, request_timeout: float):
         self.app = app
+        self.request_timeout = request_timeout
 
     def __call__(self, environ, start_response):
-        environ[ARRIVED_KEY] = getattr(_thread, "arrived", None)
+        arrived = getattr(_thread, "arrived", None)
+        environ[ARRIVED_KEY] = arrived
+        if arrived is not None:
+            environ["wsgi.input"] = DeadlineInput(environ["wsgi.input"], arrived + self.request_timeout)
         return self.app(environ, start_response)
 
     def __getattr__(self, name):
@@ -166,13 +291,21 @@ class FrontDoorWorker(gthread.ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reading: dict[DoorConnection, None] = {}  # insertion order = arrival order
+        self.writing: dict[DoorConnection, float] = {}  # answers being sent -> when the client is dropped
         self.lingering: dict[socket.socket, float] = {}  # refused sockets being drained -> close time
         self.heavy_in_flight = 0
         self.buffered = 0
+        self.accept_paused_until = 0.0
         self.light_pool: futures.ThreadPoolExecutor | None = None
+        self.probe_pool: futures.ThreadPoolExecutor | None = None
 
     def init_process(self):
         self.light_pool = futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="clip-light")
+        self.probe_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="clip-probe")
+        # Descriptors are a budget: stop accepting before the process runs out of them.
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            self.worker_connections = max(1, min(self.worker_connections, soft - FD_RESERVE))
         super().init_process()
 
     def init_signals(self):
@@ -183,24 +316,66 @@ class FrontDoorWorker(gthread.ThreadWorker):
 
     def load_wsgi(self):
         super().load_wsgi()
-        self.wsgi = StampArrival(self.wsgi)
+        self.wsgi = StampArrival(self.wsgi, self.request_timeout)
 
-    # --- the event loop's side: read, decide, hand on ---
+    # --- the event loop's side: accept, read, decide, hand on, answer ---
+
+    def set_accept_enabled(self, enabled):
+        now = time.monotonic()
+        if enabled and now < self.accept_paused_until:
+            return
+        if not enabled and now >= self.accept_paused_until and self._evictable():
+            return  # at the connection cap a new client takes the place of an idle or slow one
+        super().set_accept_enabled(enabled)
 
     def accept(self, listener):
         try:
             sock, client = listener.accept()
         except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:
+                # gthread re-raises, which ends the worker (and reloads the model); waiting for
+                # connections to close frees descriptors instead.
+                self.log.warning("Out of file descriptors (%s, %d connections): not accepting for "
+                                 "%.1f s", errno.errorcode.get(error.errno, error.errno), self.nr_conns,
+                                 ACCEPT_PAUSE_SECONDS)
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                super().set_accept_enabled(False)
+                return
             if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
+        if self.nr_conns >= self.worker_connections and not self._evict():
+            gthread.util.close(sock)  # every connection is in a thread: nothing can make room
+            return
         self.nr_conns += 1
-        self._start_reading(DoorConnection(self.cfg, sock, client, listener.getsockname(), self._linger),
-                            b"")
+        self._start_reading(DoorConnection(self.cfg, sock, client, listener.getsockname()), b"")
 
-    def enqueue_req(self, conn):
-        """gthread's hand-over of a kept-alive connection with pipelined bytes: through the door."""
-        self._start_reading(conn, conn.parser.unreader.take_buffered())
+    def _evictable(self) -> bool:
+        return bool(self.lingering or self.keepalived_conns or self.writing or self.reading)
+
+    def _evict(self) -> bool:
+        """Close the oldest connection no thread is serving, preferring those that cost the least to
+        lose: a refused one lingering, an idle kept-alive one, an unread answer, a request arriving."""
+        if self.lingering:
+            self._stop_lingering(next(iter(self.lingering)))
+        elif self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
+            self._close(conn)
+        elif self.writing:
+            conn = next(iter(self.writing))
+            self._stop_writing(conn)
+            self._close(conn)
+        elif self.reading:
+            conn = next(iter(self.reading))
+            self._forget(conn)
+            self._send_quietly(conn.sock, error_answer(503, "The service has too many connections "
+                                                            "open; retry shortly", 0.0, retry_after=1))
+            self._close(conn)
+        else:
+            return False
+        return True
 
     def on_client_socket_readable(self, conn, client):
         self.poller.unregister(client)
@@ -210,80 +385,123 @@ class FrontDoorWorker(gthread.ThreadWorker):
     def _start_reading(self, conn: DoorConnection, pending: bytes) -> None:
         conn.sock.setblocking(False)
         conn.begin(pending, self.request_timeout)
-        self.buffered += len(pending)
         self.reading[conn] = None
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         if pending:
+            self._receive(conn, pending)
             self._advance(conn)
+
+    def _receive(self, conn: DoorConnection, chunk: bytes) -> None:
+        conn.parser.receive_data(chunk)
+        if conn.head is None:
+            conn.inbox += chunk
+        conn.held += len(chunk)
+        self.buffered += len(chunk)
+
+    def _wanted(self, conn: DoorConnection) -> int:
+        """How much to recv: a head's worth, or what is left of the body; never much of what a
+        client pipelines behind it, which waits in the kernel until the answer is sent."""
+        if conn.head is None:
+            return HEAD_LIMIT
+        received = conn.body_received + len(conn.parser.trailing_data[0])
+        return max(1, min(READ_CHUNK, conn.head.content_length - received))
 
     def _on_readable(self, conn: DoorConnection, _sock) -> None:
         received = 0
         try:
-            while received < READ_PER_EVENT:
-                chunk = conn.sock.recv(READ_CHUNK)
+            while received < READ_PER_EVENT and conn in self.reading:
+                chunk = conn.sock.recv(self._wanted(conn))
                 if not chunk:  # the client went away
                     self._forget(conn)
                     self._close(conn)
                     return
-                conn.inbox += chunk
                 received += len(chunk)
-                self.buffered += len(chunk)
+                self._receive(conn, chunk)
+                self._advance(conn)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             self._forget(conn)
             self._close(conn)
-            return
-        self._advance(conn)
 
     def _advance(self, conn: DoorConnection) -> None:
-        """Decide once the head is in, hand on once the body is in."""
-        if conn.head is None:
-            line_end = conn.inbox.find(b"\r\n")
-            line_length = len(conn.inbox) if line_end < 0 else line_end
-            if line_length > self.cfg.limit_request_line > 0:  # gunicorn would answer in plain text
-                self._refuse(conn, 414, f"The request line is over {self.cfg.limit_request_line} bytes; "
-                                        "send long parameters (such as labels=) as POST form fields")
-                return
-            end = conn.inbox.find(b"\r\n\r\n")
-            if end < 0:
-                if len(conn.inbox) > HEAD_LIMIT:
-                    self._refuse(conn, 431, f"The request line and headers exceed {HEAD_LIMIT} bytes")
-                return
-            try:
-                conn.head = parse_head(bytes(conn.inbox[:end + 4]))
-            except ValueError:
-                self._hand_on(conn, light=True)  # gunicorn's parser answers it with a 400
-                return
-            if not self._admissible_head(conn):
-                return
-        head = conn.head
-        if head.chunked or len(conn.inbox) - head.size >= head.content_length:
-            self._hand_on(conn, light=is_light(head))
+        """Take h11's events: decide once the head is in, hand on once the body is in."""
+        try:
+            while conn in self.reading:
+                if conn.head is None:
+                    self._check_head_size(conn.inbox)
+                event = conn.parser.next_event()
+                if event is h11.NEED_DATA:
+                    return
+                if isinstance(event, h11.Request):
+                    self._on_head(conn, event)
+                elif isinstance(event, h11.Data):
+                    conn.request.append(bytes(event.data))
+                    conn.body_received += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    conn.leftover = bytes(conn.parser.trailing_data[0])
+                    self._hand_on(conn, light=is_light(conn.head.method, conn.head.path)
+                                  and not conn.head.has_body)
+                    return
+                else:  # PAUSED or ConnectionClosed cannot come before the end of a request
+                    return
+        except h11.RemoteProtocolError as error:
+            if error.error_status_hint == 431:
+                self._refuse(conn, 431, f"The request line and headers exceed {HEAD_LIMIT} bytes")
+            elif error.error_status_hint == 501:
+                self._refuse(conn, 501, "That Transfer-Encoding is not supported; send the request with a "
+                                        "Content-Length")
+            elif conn.head is None and TARGET_BYTES.search(conn.inbox.partition(b"\n")[0].rstrip(b"\r")):
+                self._refuse(conn, 400, "The request line holds bytes that are not printable ASCII; "
+                                        "percent-encode the values as UTF-8 (e.g. curl -G --data-urlencode)")
+            else:
+                self._refuse(conn, 400, f"The request could not be parsed as HTTP/1.1 ({error}); "
+                                        "send a well-formed request")
+        except Refusal as refusal:
+            self._refuse(conn, refusal.status, refusal.message)
 
-    def _admissible_head(self, conn: DoorConnection) -> bool:
-        head = conn.head
-        if head.chunked and not is_light(head):
-            self._refuse(conn, 411, "Send the request with a Content-Length (chunked uploads are "
-                                    "not accepted)")
-            return False
+    def _check_head_size(self, received: bytes) -> None:
+        """A request line past gunicorn's limit, or a head past HEAD_LIMIT, is refused before h11 reads
+        it (h11 would wait for the rest of a long head, and then judge it by other faults)."""
+        if len(received.partition(b"\n")[0]) > self.cfg.limit_request_line > 0:
+            raise Refusal(414, f"The request line is over {self.cfg.limit_request_line} bytes; send "
+                               "long parameters (such as labels=) as POST form fields")
+        ends = [end for end in (received.find(b"\n\r\n"), received.find(b"\n\n")) if end >= 0]
+        if (min(ends) if ends else len(received)) > HEAD_LIMIT:
+            raise Refusal(431, f"The request line and headers exceed {HEAD_LIMIT} bytes")
+
+    def _on_head(self, conn: DoorConnection, event: h11.Request) -> None:
+        raw = bytes(conn.inbox[:len(conn.inbox) - len(conn.parser.trailing_data[0])])
+        conn.inbox = bytearray()
+        if BARE_LF.search(raw):
+            raise Refusal(400, "End every line of the request head with CRLF")
+        if re.search(rb"\n[ \t]", raw):
+            raise Refusal(400, "A header line starts with white space (obsolete line folding); "
+                               "send each header on one line")
+        if not 3 <= len(event.method) <= 20 or re.search(rb"[a-z#]", event.method):  # gunicorn's rule
+            raise Refusal(400, f"{event.method[:20].decode('latin-1')!r} is not a method this service "
+                               "takes; use GET, POST or OPTIONS")
+        if any(CONTROL.search(value) for _, value in event.headers):  # h11 lets them through
+            raise Refusal(400, "A header value holds a control character; send printable text")
+        if len(event.headers) > self.cfg.limit_request_fields:
+            raise Refusal(431, f"The request has over {self.cfg.limit_request_fields} headers")
+        longest = max((len(name) + len(value) + 2 for name, value in event.headers), default=0)
+        if longest > self.cfg.limit_request_field_size > 0:
+            raise Refusal(431, f"A header is over {self.cfg.limit_request_field_size} bytes")
+        head = conn.head = head_of(event, conn.parser.they_are_waiting_for_100_continue)
+        if head.chunked:
+            raise Refusal(411, "Send the request with a Content-Length (chunked uploads are not accepted)")
         limit = self.body_limits.for_request(head.path, head.media_type)
         if head.content_length > limit:
-            self._refuse(conn, 413, f"The request body is {head.content_length} bytes; the limit is "
-                                    f"{limit} ({self.body_limits.described(head.path, head.media_type)})")
-            return False
+            raise Refusal(413, f"The request body is {head.content_length} bytes; the limit is {limit} "
+                               f"({self.body_limits.described(head.path, head.media_type)})")
         if head.content_length and self.buffered + head.content_length > self.buffer_limit:
-            self._refuse(conn, 503, "The service is receiving too many uploads at once; retry "
-                                    "shortly", retry_after=1)
-            return False
-        if head.expect_line is not None:
-            # Answer the client's "may I send the body?" here, and keep gunicorn from answering again.
-            start, end = head.expect_line
-            del conn.inbox[start:end]
-            self.buffered -= end - start
-            conn.head = dataclasses.replace(head, size=head.size - (end - start), expect_line=None)
+            self._refuse(conn, 503, "The service is receiving too many uploads at once; retry shortly",
+                         retry_after=1)
+            return
+        conn.request.append(rendered_head(event))
+        if head.expects_continue:  # answer "may I send the body?" here; gunicorn never sees the Expect
             self._send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
     def _hand_on(self, conn: DoorConnection, light: bool) -> None:
         self._forget(conn)
@@ -295,44 +513,95 @@ class FrontDoorWorker(gthread.ThreadWorker):
                 return
             self.heavy_in_flight += 1
             conn.heavy = True
-        pool = self.light_pool if light else self.tpool
+        if not light:
+            pool = self.tpool
+        elif is_probe(conn.head.method, conn.head.path) and self.probe_pool is not None:
+            pool = self.probe_pool
+        else:
+            pool = self.light_pool
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda done: self.method_queue.defer(self.finish_request, conn, done))
 
     def finish_request(self, conn, fs):
+        """The thread's answer is in memory: send it from here, then read the next request."""
         if getattr(conn, "heavy", False):
             self.heavy_in_flight -= 1
             conn.heavy = False
-        super().finish_request(conn, fs)
+        try:
+            keep_alive, answer, sent = fs.result()
+        except Exception:  # noqa: BLE001 - handle() answers every failure; this is the last resort
+            keep_alive, answer, sent = False, b"", 0
+        conn.request = []
+        if not answer:
+            self._close(conn)
+            return
+        conn.outbox = memoryview(answer)[sent:]
+        conn.keep_alive = keep_alive and self.alive
+        self.writing[conn] = time.monotonic() + self.request_timeout
+        self._on_writable(conn)
+
+    def _on_writable(self, conn: DoorConnection, _sock=None) -> None:
+        try:
+            while conn.outbox:
+                sent = conn.sock.send(conn.outbox[:READ_PER_EVENT])
+                conn.outbox = conn.outbox[sent:]
+        except (BlockingIOError, InterruptedError):
+            if not conn.write_registered:
+                self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_writable, conn))
+                conn.write_registered = True
+            return
+        except OSError:
+            self._stop_writing(conn)
+            self._close(conn)
+            return
+        self._stop_writing(conn)
+        if not conn.keep_alive:
+            self._linger(conn.sock)
+        elif conn.leftover:
+            self._start_reading(conn, conn.leftover)
+        else:
+            conn.set_timeout()
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_client_socket_readable, conn))
+
+    def _stop_writing(self, conn: DoorConnection) -> None:
+        self.writing.pop(conn, None)
+        conn.outbox = memoryview(b"")
+        if conn.write_registered:
+            conn.write_registered = False
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
 
     def _forget(self, conn: DoorConnection) -> None:
         """Stop reading this connection in the event loop (it is handed on or closed); `buffered`
-        counts the inboxes of the connections being read, so forgetting twice changes nothing."""
+        counts the bytes of the requests being read, so forgetting twice changes nothing."""
         if conn in self.reading:
             del self.reading[conn]
             self.poller.unregister(conn.sock)
-            self.buffered -= len(conn.inbox)
+            self.buffered -= conn.held
 
     def _refuse(self, conn: DoorConnection, status: int, message: str,
                 retry_after: int | None = None) -> None:
         self._forget(conn)
-        conn.inbox = bytearray()
+        conn.inbox, conn.request = bytearray(), []
         self._send_quietly(conn.sock, error_answer(status, message, time.monotonic() - conn.arrived,
                                                    retry_after))
-        self.nr_conns -= 1
         self._linger(conn.sock)
 
     def _linger(self, sock: socket.socket) -> None:
         """Close after the answer, the event loop draining what the client still sends (so that it
         reads the answer instead of a reset) for at most LINGER_SECONDS: never blocking the loop, as
-        gunicorn's own graceful close would while a client keeps its socket open."""
+        gunicorn's own graceful close would while a client keeps its socket open. A lingering socket
+        still holds a descriptor: it counts in nr_conns until it is closed."""
         try:
             sock.setblocking(False)
             sock.shutdown(socket.SHUT_WR)
-            self.lingering[sock] = time.monotonic() + LINGER_SECONDS
             self.poller.register(sock, selectors.EVENT_READ, self._drain)
+            self.lingering[sock] = time.monotonic() + LINGER_SECONDS
         except (OSError, ValueError, KeyError):
             sock.close()
+            self.nr_conns -= 1
 
     def _drain(self, sock: socket.socket) -> None:
         try:
@@ -345,7 +614,8 @@ class FrontDoorWorker(gthread.ThreadWorker):
         self._stop_lingering(sock)
 
     def _stop_lingering(self, sock: socket.socket) -> None:
-        self.lingering.pop(sock, None)
+        if self.lingering.pop(sock, None) is not None:
+            self.nr_conns -= 1
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.poller.unregister(sock)
         sock.close()
@@ -361,7 +631,8 @@ class FrontDoorWorker(gthread.ThreadWorker):
             sock.send(data)
 
     def murder_pending(self):
-        """Every loop turn: end requests still arriving at their deadline, and finished lingers."""
+        """Every loop turn: end requests still arriving and answers still unsent at their deadline,
+        and finished lingers."""
         super().murder_pending()
         now = time.monotonic()
         for conn in list(self.reading):
@@ -371,21 +642,47 @@ class FrontDoorWorker(gthread.ThreadWorker):
             elif now >= conn.deadline:
                 self._refuse(conn, 408, f"The request did not arrive within REQUEST_TIMEOUT="
                                         f"{self.request_timeout:g} s")
+        for conn, drop_at in list(self.writing.items()):
+            if now >= drop_at:  # a client that does not read its answer loses it
+                self._stop_writing(conn)
+                self._close(conn)
         for sock, close_at in list(self.lingering.items()):
             if now >= close_at or not self.alive:
                 self._stop_lingering(sock)
 
-    # --- a pool thread's side ---
+    # --- a pool thread's side: gunicorn's parser and the app, on bytes in memory ---
 
-    def handle(self, conn: DoorConnection):
-        """Give gunicorn's parser the bytes the door read, then serve as gthread does."""
+    def handle(self, conn: DoorConnection) -> tuple[bool, bytes, int]:
+        """Serve the request the door read; (keep the connection alive?, the whole answer, how much of
+        it is sent). The thread sends what the socket takes at once, never waiting (the socket is
+        non-blocking): the event loop sends the rest, so a busy loop does not delay a short answer."""
         _thread.arrived = conn.arrived
-        conn.data_ready = True
-        conn.sock.setblocking(True)
-        conn.init()
-        conn.parser.unreader.unread(bytes(conn.inbox))
-        conn.inbox = bytearray()
-        return super().handle(conn)
+        answer = Answer()
+        # The body in the pieces it arrived in: gunicorn's reader copies at most one piece per read.
+        parser = http.get_parser(self.cfg, iter(conn.request), conn.client)
+        req = None
+        try:
+            req = next(parser)
+            keep_alive = bool(self.handle_request(req, Exchange(answer, conn.client, conn.server)))
+        except StopIteration:
+            keep_alive = False
+        except Exception as error:  # noqa: BLE001 - gunicorn's own rule: every failure gets an answer
+            self.handle_error(req, answer, conn.client, error)
+            keep_alive = False
+        data, sent = answer.getvalue(), 0
+        with contextlib.suppress(OSError):  # full (BlockingIOError) or gone: the event loop sees to it
+            sent = conn.sock.send(data)
+        return keep_alive, data, sent
+
+    def handle_error(self, req, client, addr, exc):
+        """gunicorn's answer to a request it could not parse or serve, in the service's error shape."""
+        staged = Answer()
+        super().handle_error(req, staged, addr, exc)
+        status_line = staged.getvalue().partition(b"\r\n")[0].split(b" ")
+        status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 500
+        message = ("The request could not be parsed; send a well-formed HTTP/1.1 request" if status < 500
+                   else "The service failed on this request; see its log")
+        client.sendall(error_answer(status, message, 0.0))
 
 
 def door_limits(max_queue: int, request_timeout: float, body_limits: BodyLimits, threads: int) -> None:

@@ -2,7 +2,7 @@
 
 Flask (each request's max_content_length) and gunicorn's front door (before it reads a body) both ask
 `BodyLimits.for_request`, so the door refuses with 413 exactly what the app would, without reading it.
-Routes that take several images in one multipart body (`/analyze/batch`, `/embed`) may carry
+Routes that take several images in one multipart body (`many_files` in http/routes.py) may carry
 BATCH_FILES_MAX of them; a JSON body (/embed's texts) is never an image and is sized by the text budget;
 every other body holds at most one image.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
+from clip_service.http.routes import MANY_FILES_PATHS
 from clip_service.settings import Settings
 
 MULTIPART_OVERHEAD = 64 * 1024  # part headers, boundaries and option fields around the image bytes
-MANY_FILES_PATHS = frozenset({"/analyze/batch", "/embed"})
 # The most texts a request may have, every character written as a \uXXXX\uXXXX pair, plus the keys:
 # parsing more than that (a 8 MB list of nothing) would cost hundreds of megabytes before the 400.
 JSON_BODY_MAX = MAX_REQUEST_LABELS * MAX_LABEL_CHARACTERS * 12 + 4096

@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify
 from clip_service.http.current import current_service
 from clip_service.http.options import MAX_LABEL_CHARACTERS, MAX_REQUEST_LABELS
 from clip_service.http.page import ASSETS
+from clip_service.http.routes import OPEN_PATHS
 from clip_service.http.search import MAX_QUERY_CHARACTERS
 from clip_service.inputs.thumbnails import THUMBNAIL_SIDE
 from clip_service.inputs.url_fetch import MAX_REDIRECTS, MAX_URL_LENGTH
@@ -223,6 +224,14 @@ def _error_responses() -> dict:
             {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                              "schema": {"type": "integer", "minimum": 0}}}),
         "Timeout": _error("The request took longer than REQUEST_TIMEOUT."),
+        "RequestTimeout": _error("The request did not arrive whole within REQUEST_TIMEOUT of its first byte "
+                                 "(the front door, under CLIP.sh)."),
+        "LengthRequired": _error("The body was sent chunked; send it with a Content-Length."),
+        "RequestLineTooLong": _error("The request line is over 8,190 bytes; send long parameters (such as "
+                                     "labels) as POST form fields."),
+        "HeadersTooLarge": _error("The request line and headers are over 64 KiB, or a header is over 8,190 "
+                                  "bytes."),
+        "TransferCodingNotImplemented": _error("A Transfer-Encoding other than chunked."),
     }
 
 
@@ -253,6 +262,11 @@ def _option_properties(settings: Settings) -> dict:
             for p in _option_parameters(settings, "query")}
 
 
+# What the front door (http/front_door.py) answers itself on any route, before the app sees the request.
+FRONT_DOOR_ANSWERS = {"408": "RequestTimeout", "411": "LengthRequired", "414": "RequestLineTooLong",
+                      "431": "HeadersTooLarge", "501": "TransferCodingNotImplemented"}
+
+
 def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString",
                overrides: dict[str, str] | None = None) -> dict:
     """200, and 400 and the other error answers named by their codes.
@@ -262,9 +276,10 @@ def _responses(*codes: str, success: dict, bad_request: str = "BadQueryString",
     """
     names = {"400": bad_request, "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
              "413": "PayloadTooLarge", "500": "InternalError", "502": "BadGateway", "503": "Unavailable",
-             "504": "Timeout"}
+             "504": "Timeout", **FRONT_DOOR_ANSWERS}
     names.update(overrides or {})
-    return {"200": success, **{code: _ref("responses", names[code]) for code in ("400", *codes)}}
+    return {"200": success, **{code: _ref("responses", names[code])
+                               for code in ("400", *codes, *FRONT_DOOR_ANSWERS)}}
 
 
 ALIAS = ("The same as /analyze (same checks, options and answers), under the name the animal-farm "
@@ -487,8 +502,7 @@ def _search_post(settings: Settings) -> dict:
 def openapi_description(settings: Settings | None = None) -> dict:
     """The OpenAPI 3 description of the service configured by `settings` (default: the defaults)."""
     settings = settings or Settings()
-    open_route = {"security": []}
-    return {
+    description = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "clip-service",
@@ -507,20 +521,17 @@ def openapi_description(settings: Settings | None = None) -> dict:
                 "operationId": "webPage", "tags": ["operations"], "summary": "The web page",
                 "description": "An HTML page, with its stylesheet and script below, that calls /analyze "
                                "from the browser.",
-                **open_route,
                 "responses": _responses("500", success={
                     "description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}),
             }},
             **{f"/static/{name}": {"get": {
                 "operationId": f"webPage{name.split('.')[1].upper()}", "tags": ["operations"],
                 "summary": f"The page's {'stylesheet' if name.endswith('css') else 'script'}",
-                **open_route,
                 "responses": _responses("500", success={
                     "description": "The file.", "content": {mimetype: {"schema": {"type": "string"}}}}),
             }} for name, mimetype in ASSETS.items()},
             "/health": {"get": {
                 "operationId": "health", "tags": ["operations"], "summary": "Readiness",
-                **open_route,
                 "responses": {
                     **_responses("500", success=_json(_ref("schemas", "HealthReady"),
                                                       "The model is loaded and inference works.")),
@@ -561,7 +572,6 @@ def openapi_description(settings: Settings | None = None) -> dict:
             }},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "tags": ["operations"], "summary": "This description",
-                **open_route,
                 "responses": _responses("500", success=_json({"type": "object"}, "OpenAPI 3.0.")),
             }},
         },
@@ -574,6 +584,10 @@ def openapi_description(settings: Settings | None = None) -> dict:
             }},
         },
     }
+    for path in OPEN_PATHS:  # the routes that need no key, as http/routes.py declares them
+        for operation in description["paths"][path].values():
+            operation["security"] = []
+    return description
 
 
 @openapi_bp.get("/openapi.json")

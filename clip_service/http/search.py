@@ -11,9 +11,8 @@ from flask import Blueprint, Response, jsonify, request
 from clip_service.errors import BadInput
 from clip_service.http.analyze import uploads
 from clip_service.http.bodies import index_body, search_body
-from clip_service.http.current import current_service
+from clip_service.http.current import admitted, current_service
 from clip_service.http.errors import elapsed
-from clip_service.http.front_door import ARRIVED_KEY
 from clip_service.http.logs import set_input_kind
 from clip_service.http.options import single_value
 from clip_service.ranges import parse_in_range
@@ -48,7 +47,7 @@ def query_text() -> str:
 @search_bp.route("/search", methods=["GET", "POST"])
 def search():
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
+    with admitted() as deadline:
         k = results_wanted()
         if request.method == "POST":
             if "q" in request.args:
@@ -75,7 +74,7 @@ def index_info():
 @search_bp.get("/search/thumbnail")
 def thumbnail():
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)):
+    with admitted():
         path = single_value(request.args.getlist, "path")
         if not path:
             raise BadInput("Give path, a path from a search answer, e.g. ?path=holiday/beach.jpg")

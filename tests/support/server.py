@@ -130,13 +130,14 @@ def worker_pids(master: int) -> set[int]:
 
 
 class ClipServer:
-    """CLIP.sh started with `env` and healthy on 127.0.0.1; stop() returns its exit status."""
+    """CLIP.sh (or `command` running it) started with `env` and healthy on 127.0.0.1; stop() returns
+    its exit status."""
 
-    def __init__(self, env: Mapping[str, str], log: Path):
+    def __init__(self, env: Mapping[str, str], log: Path, command: Sequence[str] = (str(CLIP_SH),)):
         self.port = int(env["PORT"])
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.process = start(env, log)
+        self.process = start(env, log, command)
         try:
             wait_healthy(self.port, self.process, log_path=log)
         except BaseException:
