@@ -260,7 +260,7 @@ def run_search(args: argparse.Namespace) -> int:
         index = read_model_index(args.index, settings.clip_model, model_identity(settings.model_spec))
         engine = engine_for_settings(settings)
         if args.like is not None:
-            limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+            limits = ImageLimits.of(settings)
             image, problem = read_image(args.like, limits, engine.input_size)
             if image is None:
                 _say(f"--like {args.like}: {problem}")

@@ -48,7 +48,7 @@ def test_an_image_embedding_is_the_feature_analyze_scores(app, client):
     data = image_bytes(colour=COLOURS[0])
     vector = embedded(client.post("/embed", **files(data)))[0]
     service = app.extensions["clip_service"]
-    image = service.images.from_upload(data)
+    [image] = service.images.prepare_all([data])
     assert torch.equal(torch.from_numpy(vector), service.classifier.image_features(image))
     # and it reproduces /analyze's confidences: softmax of logit_scale * cosine over the labels
     classifier = service.classifier

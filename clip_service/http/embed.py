@@ -129,9 +129,8 @@ def embed():
             vectors = service.embed_texts(texts, options.prompts, deadline)
         else:
             if url is not None:
-                vectors = service.embed_images([service.images.from_url(url, deadline)], deadline)
+                images = [service.images.url_bytes(url, deadline)]
             elif path is not None:
-                vectors = service.embed_images([service.images.from_file(path, deadline)], deadline)
-            else:
-                vectors = service.embed_uploads(images, deadline)
+                images = [service.images.file_bytes(path)]
+            vectors = service.embed(images, deadline)
     return jsonify(embed_body(vectors, options.encoding, embedder, elapsed()))

@@ -56,7 +56,7 @@ def search():
             data = uploads(1)[0]
             set_input_kind("upload")
             index = service.photo_index()  # refuse before decoding when search is off or not ready
-            query = service.embed_images([service.images.from_upload(data, deadline)], deadline)[0]
+            query = service.embed([data], deadline)[0]
         else:
             text = query_text()
             set_input_kind("text")
@@ -75,12 +75,12 @@ def index_info():
 @search_bp.get("/search/thumbnail")
 def thumbnail():
     service = current_service()
-    with service.admission.admitted(request.environ.get(ARRIVED_KEY)):
+    with service.admission.admitted(request.environ.get(ARRIVED_KEY)) as deadline:
         path = single_value(request.args.getlist, "path")
         if not path:
             raise BadInput("Give path, a path from a search answer, e.g. ?path=holiday/beach.jpg")
         set_input_kind("file")
-        data = service.thumbnail(path)
+        data = service.thumbnail(path, deadline)
     response = Response(data, mimetype="image/jpeg")
     response.headers["Cache-Control"] = THUMBNAIL_CACHE
     return response
