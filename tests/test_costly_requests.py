@@ -87,8 +87,7 @@ def test_costly_labels_are_refused_or_bounded(server_env, text_heavy_model_dir, 
         stop(process)
     print(f"LABELS_TOKEN_BUDGET=10000000: {[(status, round(seconds, 2)) for status, seconds, _ in bounded]}")
     statuses = sorted(status for status, _, _ in bounded)
-    assert statuses == [503, 503, 503, 504], "one encodes until its deadline, the others wait for nothing"
-    assert max(seconds for status, seconds, _ in bounded if status == 503) < 1.0
+    assert statuses == [504] * 4, "one encodes until its deadline; the others, asking the same, wait for it"
     assert max(seconds for _, seconds, _ in bounded) < 2 + 1, "no answer later than REQUEST_TIMEOUT + 1 s"
     assert health.status_code == 200
 
