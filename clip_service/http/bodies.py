@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 
 import torch
 
 from clip_service.engines.spec import public_model_name
-from clip_service.errors import ServiceError
+from clip_service.errors import ServiceError, without_server_paths
 from clip_service.library.photo_index import PhotoIndex
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
@@ -103,15 +102,6 @@ def health_body(service: ClipService) -> dict:
 
 
 # An absolute path (not part of a URL), or a local-dir: model's; group 1 is its last part
-_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(local-dir:)?/(?:[^\s/'\"()]+/)*([^\s/'\"(),;]+)")
-
-
-def without_server_paths(message: str) -> str:
-    """A load error as /health shows it: each server path by its last part only (the log has it all),
-    as model names are shown: "/srv/clip/labels/animals.txt is not UTF-8" -> "animals.txt is not UTF-8"."""
-    return _SERVER_PATH.sub(lambda found: (found.group(1) or "") + found.group(2), message)
-
-
 def labels_body(service: ClipService) -> dict:
     """/labels: the loaded vocabulary grouped by file, each label with its emoji."""
     vocabulary = service.ready_classifier().vocabulary

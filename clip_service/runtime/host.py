@@ -17,7 +17,7 @@ from clip_service import metrics
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity, public_model_name
-from clip_service.errors import NotReady
+from clip_service.errors import NotReady, without_server_paths
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
@@ -73,7 +73,7 @@ class ModelHost:
         if self.status == LOADED:
             return self.classifier
         if self.status == FAILED:
-            raise NotReady(f"The model failed to load: {self.error}")
+            raise NotReady(f"The model failed to load: {without_server_paths(self.error)}")
         raise NotReady("The model is still loading; retry in a few seconds")
 
     def reload_labels(self) -> bool:
@@ -95,7 +95,9 @@ class ModelHost:
         with self._index_lock:  # two SIGHUPs around a rewrite must not finish in the wrong order
             try:
                 index = load_photo_index(self.settings, dimensions)
-            except PhotoIndexError as error:
+            except Exception as error:  # any index that cannot be used costs photo search only
+                if not isinstance(error, PhotoIndexError):
+                    log.debug("Reading the photo index failed unexpectedly", exc_info=True)
                 if self.photo_index:
                     log.warning("The photo index was not reloaded; the one loaded before keeps serving: %s",
                                 error)
