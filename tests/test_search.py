@@ -11,6 +11,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from PIL import Image
 from clip_service import cli
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
-from clip_service.errors import ServiceError
+from clip_service.errors import DeadlineExceeded, Overloaded, ServiceError
+from clip_service.inputs.budget import MB, DecodeBudget
 from clip_service.inputs.images import ImageLimits
 from clip_service.inputs.thumbnails import thumbnail_jpeg
 from clip_service.library import indexer
@@ -235,6 +237,20 @@ def test_an_unreadable_entry_names_only_the_clients_path_however_long_the_folder
     with pytest.raises(ServiceError) as caught:
         thumbnail_jpeg(folder, "0.png", ImageLimits(1_000_000, 1_000_000))
     assert caught.value.message == "0.png cannot be read as an image file"
+
+
+def test_a_thumbnail_keeps_to_its_deadline_and_the_decode_budget(tmp_path):
+    """REQUEST_TIMEOUT was checked only when the request arrived: a thumbnail decoded however late."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw_picture("red", "circle", 600, seed=3).save(folder / "big.png")
+    limits = ImageLimits(8 << 20, 60_000_000, DecodeBudget(4 * MB))
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
+        thumbnail_jpeg(folder, "big.png", limits, deadline=time.monotonic() - 0.01)
+    with limits.budget.reserved(3 * MB), pytest.raises(Overloaded, match="DECODE_MEMORY_MB"):
+        thumbnail_jpeg(folder, "big.png", limits, deadline=time.monotonic() + 0.2)
+    thumbnail = Image.open(io.BytesIO(thumbnail_jpeg(folder, "big.png", limits, side=128)))
+    assert thumbnail.size == (128, 128) and limits.budget.used == 0
 
 
 @pytest.mark.parametrize("query, fragment", [
