@@ -12,7 +12,7 @@ import requests
 
 from tests.support.http_fixtures import free_port
 from tests.support.images import image_bytes
-from tests.support.server import ROOT, start, stop, wait_healthy, worker_pids
+from tests.support.server import ROOT, gunicorn_workers, start, stop, wait_healthy, worker_pids
 
 pytestmark = pytest.mark.system
 
@@ -162,7 +162,7 @@ def test_sighup_while_a_worker_starts_up_does_not_end_it(server_env, tmp_path):
     process = start(server_env, tmp_path / "hup.log")
     try:
         deadline = time.monotonic() + 60
-        while not (first := worker_pids(process.pid)):
+        while not (first := gunicorn_workers(process.pid)):
             assert time.monotonic() < deadline and process.poll() is None, "no worker started"
             time.sleep(0.005)
         sent, until = 0, time.monotonic() + 3
@@ -171,7 +171,7 @@ def test_sighup_while_a_worker_starts_up_does_not_end_it(server_env, tmp_path):
             sent += 1
             time.sleep(0.02)
         wait_healthy(int(server_env["PORT"]), process, log_path=tmp_path / "hup.log")
-        assert worker_pids(process.pid) == first, f"a worker ended after {sent} SIGHUPs during its start"
+        assert gunicorn_workers(process.pid) == first, f"a worker ended after {sent} SIGHUPs during its start"
     finally:
         assert stop(process) == 0
     assert "was sent SIGHUP" not in (tmp_path / "hup.log").read_text()
