@@ -12,9 +12,9 @@ import weakref
 
 import pytest
 
+from clip_service.cores import MAX_THREADS
 from clip_service.http.limits import MULTIPART_OVERHEAD
 from clip_service.inputs import images
-from clip_service.runtime.cores import MAX_THREADS
 from tests.support.images import image_bytes
 from tests.support.responses import assert_error, assert_success, upload
 

@@ -14,10 +14,10 @@ from typing import Any
 from PIL import Image
 
 from clip_service import metrics
+from clip_service.cores import map_on_cores
 from clip_service.errors import DeadlineExceeded, ServiceError
 from clip_service.inputs.images import ImageLimits, check_file_access, decode_image, read_file
 from clip_service.inputs.url_fetch import UrlFetcher
-from clip_service.runtime.cores import map_on_cores
 from clip_service.settings import Settings
 
 

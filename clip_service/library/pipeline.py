@@ -15,9 +15,9 @@ from typing import TypeVar
 
 from PIL import Image
 
+from clip_service.cores import MAX_THREADS
 from clip_service.errors import ServiceError
 from clip_service.inputs.images import ImageLimits, decode_image, read_file
-from clip_service.runtime.cores import MAX_THREADS
 
 # Decoding and preparing (Pillow releases the GIL) on every core, as the server's requests do, at least 2
 DECODE_WORKERS = max(2, min(os.cpu_count() or 1, MAX_THREADS))

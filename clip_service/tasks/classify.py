@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from clip_service.cores import map_on_cores
 from clip_service.engines.base import Engine
-from clip_service.runtime.cores import map_on_cores
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.labels import LabelSet

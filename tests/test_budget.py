@@ -1,7 +1,7 @@
 """The decode-memory budget (inputs/budget.py, DECODE_MEMORY_MB): each decode's peak estimated from the
 header and reserved until the image is the model's input; waits bounded by the deadline; an image over
 the whole budget refused with 413; the same budget for /analyze, /analyze/batch, /embed, tag and index.
-CLIP.sh under sixteen 16-bit bombs: tests/test_costly_requests.py."""
+CLIP.sh under sixteen 16-bit bombs: tests/test_costly_requests.py (inputs/budget.py)."""
 
 from __future__ import annotations
 
