@@ -90,7 +90,7 @@ class ClipService:
         """
         options = options or self.default_options()
         classifier = self.ready_classifier()
-        outcomes = self.images.prepare_each(images, deadline, classifier.engine.prepare)
+        outcomes = self.images.prepare_each(images, deadline, classifier.encoder.prepare)
         inputs = [outcome for outcome in outcomes if not isinstance(outcome, ServiceError)]
         if not inputs:
             return outcomes
@@ -107,9 +107,9 @@ class ClipService:
         """(N, D) unit embeddings of the images (bytes, as classify takes them), in one forward pass
         through the micro-batcher; one image that cannot be read fails them all."""
         embedder = self.ready_embedder()
-        inputs = self.images.prepare_all(images, deadline, embedder.classifier.engine.prepare)
+        inputs = self.images.prepare_all(images, deadline, embedder.encoder.prepare)
         with self.health.watching(), metrics.timed("model"):
-            vectors = embedder.prepared(inputs, deadline)
+            vectors = embedder.images(inputs, deadline)
         metrics.EMBEDDINGS.labels("image").inc(len(inputs))
         return vectors
 

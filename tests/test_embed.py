@@ -13,6 +13,7 @@ import torch
 
 from clip_service.http.limits import JSON_BODY_MAX
 from clip_service.tasks.embed import Embedder, base64_rows, float_lists
+from clip_service.tasks.encode import Encoder
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from tests.support.engines import GatedEngine
 from tests.support.images import image_bytes
@@ -131,8 +132,8 @@ def test_text_embeddings_reuse_the_label_caches(app):
             calls.append(len(texts))
             return encode(texts)
 
-    embedder = Embedder(classifier, CustomLabelCache(Counting()))
-    classifier.custom_labels = CustomLabelCache(Counting())
+    embedder = Embedder(Encoder(classifier.engine, label_texts=CustomLabelCache(Counting()),
+                                plain_texts=CustomLabelCache(Counting())), lambda: classifier.vocabulary)
     embedder.texts(["cat", "a dog on a beach"], prompts=True)  # cat: a vocabulary row, not encoded
     assert calls == [1] * len(classifier.vocabulary.templates)
     embedder.texts(["a dog on a beach"], prompts=True)

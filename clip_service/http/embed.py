@@ -124,7 +124,7 @@ def embed():
             texts = checked_texts(texts)
         elif options.prompts:
             raise BadInput("prompts applies to texts only; leave it out for images")
-        embedder = service.ready_embedder()
+        classifier = service.ready_classifier()
         if texts is not None:
             vectors = service.embed_texts(texts, options.prompts, deadline)
         else:
@@ -133,4 +133,4 @@ def embed():
             elif path is not None:
                 images = [service.images.file_bytes(path)]
             vectors = service.embed(images, deadline)
-    return jsonify(embed_body(vectors, options.encoding, embedder, elapsed()))
+    return jsonify(embed_body(vectors, options.encoding, classifier, elapsed()))

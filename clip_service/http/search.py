@@ -63,7 +63,7 @@ def search():
             index = service.photo_index()
             query = service.embed_texts([text], prompts=False, deadline=deadline)[0]
         matches = service.search(index, query, k)  # one index for the answer: SIGHUP may swap it meanwhile
-    return jsonify(search_body(matches, index, service.ready_embedder(), elapsed()))
+    return jsonify(search_body(matches, index, service.ready_classifier(), elapsed()))
 
 
 @search_bp.get("/search/index")

@@ -24,6 +24,7 @@ from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, EmojiSource
 from clip_service.tasks.embed import Embedder
+from clip_service.tasks.encode import Encoder
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.reload import LabelReloader, load_vocabulary
@@ -51,6 +52,7 @@ class ModelHost:
         self.error: str | None = None
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
+        self.encoder: Encoder | None = None
         self.embedder: Embedder | None = None
         self.photo_index: PhotoIndex | None = None  # SEARCH_INDEX, once loaded
         self._index_lock = threading.Lock()
@@ -141,10 +143,11 @@ class ModelHost:
                                on_batch=metrics.BATCH_SIZE.observe)
         self._keep(batcher)
         budget = settings.labels_token_budget
-        classifier = Classifier(engine, vocabulary, self.emoji, encode_images=batcher.submit_many,
-                                custom_labels=CustomLabelCache(engine, token_budget=budget))
-        embedder = Embedder(classifier, plain_texts=CustomLabelCache(engine, token_budget=budget))
-        self.batcher, self.embedder, self.classifier = batcher, embedder, classifier
+        encoder = Encoder(engine, batcher.submit_many, CustomLabelCache(engine, token_budget=budget),
+                          CustomLabelCache(engine, token_budget=budget))
+        classifier = Classifier(encoder, vocabulary, self.emoji)
+        embedder = Embedder(encoder, lambda: classifier.vocabulary)
+        self.batcher, self.encoder, self.embedder, self.classifier = batcher, encoder, embedder, classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
         if settings.search_index is not None:
