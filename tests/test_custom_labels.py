@@ -164,3 +164,21 @@ def test_no_template_is_encoded_after_the_deadline():
     with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
         CustomLabelCache(encoder).features(("late",), ("{}", "a {}"), deadline=time.monotonic() - 0.1)
     assert encoder.texts == []
+
+
+def test_the_deadline_is_checked_every_16_texts():
+    """README: "the deadline is checked every 16 texts": 100 texts whose time runs out during the first
+    pass are cut after it, never encoded in one pass of 100 (only a deadline already past was tested)."""
+    batches = []
+
+    class Slow(CountingEncoder):
+        def encode_texts(self, texts):
+            batches.append(len(texts))
+            time.sleep(0.3)
+            return super().encode_texts(texts)
+
+    labels = tuple(f"colour {index}" for index in range(100))
+    cache = CustomLabelCache(Slow(), token_budget=100_000)
+    with pytest.raises(DeadlineExceeded):
+        cache.features(labels, ("{}",), deadline=time.monotonic() + 0.1)
+    assert batches == [16], batches

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clip_service import cli
@@ -87,6 +88,17 @@ def test_a_red_circle_finds_the_red_pictures(client, indexed):
         assert colours(matches_of(client.get("/search", query_string={"q": f"a {colour} square",
                                                                       "k": 3}))) == [colour] * 3
     assert len(matches_of(client.get("/search?q=red"))) == 10  # the default k
+
+
+def test_a_text_query_is_encoded_exactly_as_written(make_app, search_settings, indexed):
+    """/search?q= scores the index against the text tower's vector of q itself: no prompt template."""
+    app = make_app(search_settings)
+    engine = app.extensions["clip_service"].classifier.engine
+    query = torch.nn.functional.normalize(engine.encode_texts(["a pink square"]).float(), dim=-1)[0]
+    index = read_index(indexed[1])
+    expected = sorted((float(score) for score in np.asarray(index.embeddings) @ query.numpy()), reverse=True)
+    matches = matches_of(app.test_client().get("/search", query_string={"q": "a pink square", "k": 3}))
+    assert [match["score"] for match in matches] == pytest.approx(expected[:3], abs=1e-4)
 
 
 def test_a_photo_finds_photos_like_it(client):
