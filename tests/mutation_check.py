@@ -154,6 +154,23 @@ MUTANTS = (
          f"{OPTIONS}::test_request_labels_get_their_own_features"),
     ),
     Mutant(
+        "labels-encoded-once-per-request",
+        "requests asking the same new labels at once each encode them, one at a time, instead of "
+        "waiting for the one encoding (a thread pool's requests are refused or time out)",
+        "clip_service/vocabulary/custom_labels.py",
+        "                flight = self._flights.get(key)",
+        "                flight = None",
+        ("tests/test_custom_labels.py::test_the_same_new_labels_asked_at_once_are_encoded_once_for_all",),
+    ),
+    Mutant(
+        "decode-budget-not-reserved",
+        "decodes take no share of DECODE_MEMORY_MB, so sixteen bombs at once hold gigabytes",
+        "clip_service/inputs/budget.py",
+        "            self._used += cost",
+        "            self._used += 0",
+        ("tests/test_budget.py",),
+    ),
+    Mutant(
         "threshold-off-by-one",
         "a confidence exactly at the threshold is dropped",
         "clip_service/tasks/classify.py",
