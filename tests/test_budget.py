@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_service.errors import Overloaded, TooLarge
+from clip_service.errors import DeadlineExceeded, Overloaded, TooLarge
 from clip_service.inputs.budget import MB, DecodeBudget
 from clip_service.inputs.images import HIGH_DEPTH_STRIPS, ImageLimits, decode_image, decode_peak_bytes
 from clip_service.library import indexer, tagger
@@ -137,3 +137,13 @@ def test_tag_and_index_skip_an_image_over_the_budget(settings, tmp_path, caplog,
                               lambda: real_classifier.engine)
     assert (tagged.processed, tagged.skipped) == (1, 1) and (indexed.processed, indexed.skipped) == (1, 1)
     assert caplog.text.count("DECODE_MEMORY_MB") == 2
+
+
+def test_a_decode_is_cut_at_its_deadline_not_after_the_whole_image():
+    """A decode that got its memory near its deadline still ends by it: Pillow reads the bytes in
+    small blocks, and none is read after the deadline (a 60-megapixel PNG inflates from two reads)."""
+    bomb = encode(np.zeros((7745, 7745), dtype=np.uint16), "PNG")
+    began = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
+        decode_image(bomb, LIMITS, deadline=time.monotonic() + 0.1)
+    assert time.monotonic() - began < 0.5
