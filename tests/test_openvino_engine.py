@@ -321,3 +321,28 @@ def test_shared_prefix_through_several_layers(tmp_path):
         texts = [template.format(label) for label in LABELS]
         got, expected = engine.encode_texts(texts, batch_size=8), reference.encode_texts(texts)
         assert cosines(got, expected).min() > 0.9999, template
+
+
+class CpuReading:
+    """An ov.Core's answer to OPTIMIZATION_CAPABILITIES, as a CPU with or without bf16 gives it."""
+
+    def __init__(self, capabilities: list[str]):
+        self.capabilities = capabilities
+
+    def get_property(self, device: str, name: str):
+        assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+        return self.capabilities
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    (["FP32", "INT8", "BIN", "EXPORT_IMPORT"], "fp32"),  # AVX2 or AVX-512 without BF16
+    (["FP32", "BF16", "FP16", "INT8", "BIN", "EXPORT_IMPORT"], "bf16"),  # AMX or AVX512-BF16
+])
+def test_auto_precision_follows_the_cpus_bf16(capabilities, expected):
+    """CLIP_PRECISION=auto on OpenVINO: bf16 only where the CPU runs it natively (only torch's choice
+    was tested); a setting given is kept whatever the CPU."""
+    from clip_service.engines.openvino_engine import resolve_precision
+
+    assert resolve_precision("auto", CpuReading(capabilities)) == expected
+    assert resolve_precision("fp32", CpuReading(capabilities)) == "fp32"
+    assert resolve_precision("int8", CpuReading(capabilities)) == "int8"
