@@ -1,17 +1,21 @@
 """Entry point: `gunicorn REST:app` (see CLIP.sh) or `python REST.py` for a quick local run."""
 
-import logging
 import signal
-import threading
 
-from clip_service import create_app, load_settings
-from clip_service.startup import preflight_or_exit
+if __name__ == "__main__":
+    # SIGHUP asks for a reload, never an exit: ignored while the model's libraries load, until
+    # reload_on_sighup installs the reload CLIP.sh's workers have.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import logging  # noqa: E402
+
+from clip_service import create_app, load_settings  # noqa: E402
+from clip_service.startup import preflight_or_exit, reload_on_sighup  # noqa: E402
 
 if __name__ == "__main__":
     settings = preflight_or_exit()
     app = create_app(settings)
-    service = app.extensions["clip_service"]
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_labels).start())
+    reload_on_sighup(app.extensions["clip_service"])
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # its lines carry query strings (URLs)
     app.run(host=settings.bind_host, port=settings.port, threaded=True)
 else:

@@ -21,7 +21,7 @@ else:
 from clip_service.http.current import EXTENSION  # noqa: E402
 from clip_service.http.front_door import door_limits  # noqa: E402
 from clip_service.http.limits import body_limits  # noqa: E402
-from clip_service.startup import preflight_or_exit, worker_count  # noqa: E402
+from clip_service.startup import preflight_or_exit, reload_on_sighup, worker_count  # noqa: E402
 
 _settings = preflight_or_exit()
 
@@ -73,14 +73,7 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    service = worker.wsgi.extensions[EXTENSION]
-
-    def reload(signum, frame):
-        import threading
-
-        threading.Thread(target=service.reload, name="clip-reload", daemon=True).start()
-
-    signal.signal(signal.SIGHUP, reload)
+    reload_on_sighup(worker.wsgi.extensions[EXTENSION])
 
 
 def worker_exit(server, worker):

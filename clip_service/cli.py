@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -78,7 +79,8 @@ SEARCH_EPILOG = """\
 exit status: 0 done; 2 bad arguments, settings, index or photo.
 
 examples: python -m clip_service search pictures.clipindex "a dog on a beach" -k 5
-          python -m clip_service search pictures.clipindex --like holiday.jpg --json"""
+          python -m clip_service search pictures.clipindex --like holiday.jpg --json
+          python -m clip_service search pictures.clipindex "a dog" -0 | cut -z -f2 | xargs -0 ls -l"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -172,6 +174,10 @@ def add_search_command(commands) -> None:
     parser.add_argument("--json", action="store_true",
                         help='print {"folder": ..., "matches": [{"path": ..., "score": ...}, ...]} '
                              "instead of lines")
+    parser.add_argument("-0", "--null", action="store_true",
+                        help="end each SCORE<tab>PATH with a NUL byte instead of a newline, the name "
+                             "exactly as it is (for xargs -0); without it, control characters in names "
+                             r"are shown as \xNN, so a name cannot start a line of its own")
     parser.set_defaults(handler=run_search)
 
 
@@ -249,6 +255,15 @@ def run_index(args: argparse.Namespace) -> int:
     return _run_library(args.quiet, run)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def without_control_characters(name: str) -> str:
+    r"""A file name for a line of output: tabs, newlines and other control characters as \xNN, so a
+    photo named "x\n0.9999\t/home/victim/keep.png" cannot add a line (or a field) of its own."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", name)
+
+
 def run_search(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.like is None):
         _say("give what to look for (TEXT) or --like PHOTO, one of them (see search --help)")
@@ -260,12 +275,12 @@ def run_search(args: argparse.Namespace) -> int:
         index = read_model_index(args.index, settings.clip_model, model_identity(settings.model_spec))
         engine = engine_for_settings(settings)
         if args.like is not None:
-            limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-            image, problem = read_image(args.like, limits, engine.input_size)
-            if image is None:
+            limits = ImageLimits.of(settings)
+            pixels, problem = read_image(args.like, limits, engine.input_size, prepare=engine.prepare)
+            if pixels is None:
                 _say(f"--like {args.like}: {problem}")
                 return 2
-            query = engine.encode_images(engine.prepare(image).unsqueeze(0))[0]
+            query = engine.encode_images(pixels.unsqueeze(0))[0]
         else:
             query = engine.encode_texts([args.text])[0]
     except (PhotoIndexError, SettingsError, ModelLoadError) as error:
@@ -276,11 +291,15 @@ def run_search(args: argparse.Namespace) -> int:
         print(json.dumps({"folder": str(index.folder),
                           "matches": [{"path": match.path, "score": match.score} for match in matches]},
                          ensure_ascii=False))
-    else:  # a line per file with its real name, byte for byte, for `cut -f2 | xargs ...`
-        lines = [f"{match.score:.4f}\t{index.folder / match.path}\n"
-                 for match in best_matches(index.embeddings, index.paths, query.numpy(), args.k)]
+    else:  # a line per file, for `cut -f2 | xargs ...`; with -0 its real name, byte for byte
+        matches = best_matches(index.embeddings, index.paths, query.numpy(), args.k)
+        if args.null:
+            records = [f"{match.score:.4f}\t{index.folder / match.path}\0" for match in matches]
+        else:
+            records = [f"{match.score:.4f}\t{without_control_characters(str(index.folder / match.path))}\n"
+                       for match in matches]
         sys.stdout.flush()
-        sys.stdout.buffer.write("".join(lines).encode("utf-8", "surrogateescape"))
+        sys.stdout.buffer.write("".join(records).encode("utf-8", "surrogateescape"))
         sys.stdout.buffer.flush()
     return 0
 

@@ -3,6 +3,16 @@
 The Flask-free code raises these; http/errors.py turns them into the error JSON shape.
 """
 
+import re
+
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(local-dir:)?/(?:[^\s/'\"()]+/)*([^\s/'\"(),;]+)")
+
+
+def without_server_paths(message: str) -> str:
+    """A load error as /health shows it: each server path by its last part only (the log has it all),
+    as model names are shown: "/srv/clip/labels/animals.txt is not UTF-8" -> "animals.txt is not UTF-8"."""
+    return _SERVER_PATH.sub(lambda found: (found.group(1) or "") + found.group(2), message)
+
 
 class ServiceError(Exception):
     """A failure with a message that is safe to show to the client."""

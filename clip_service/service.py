@@ -8,10 +8,7 @@ embeddings (tasks.embed) and photo search (tasks.search).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from PIL import Image
 
 from clip_service import metrics
 from clip_service.engines.base import Engine
@@ -84,23 +81,16 @@ class ClipService:
     def default_options(self) -> ClassifyOptions:
         return ClassifyOptions(self.settings.confidence_threshold, self.settings.max_predictions)
 
-    def analyze(self, image: Image.Image, deadline: float | None = None,
-                options: ClassifyOptions | None = None) -> list[Prediction]:
+    def classify(self, images: list[bytes], deadline: float, options: ClassifyOptions | None = None,
+                 ) -> list[list[Prediction] | ServiceError]:
+        """Each image's predictions, or the error that image alone caused; one forward pass for all.
+
+        Every route's images come here as bytes (an upload, a file, a URL's body) and take the one
+        decode-and-prepare step. A failure of the model or the deadline fails the whole request.
+        """
         options = options or self.default_options()
         classifier = self.ready_classifier()
-        with self.health.watching(), metrics.timed("model"):
-            return classifier.classify(image, options.threshold, options.limit, deadline, options.labels,
-                                       options.groups)
-
-    def analyze_many(self, uploads: list[bytes], deadline: float, options: ClassifyOptions,
-                     ) -> list[list[Prediction] | ServiceError]:
-        """Each upload's predictions, or the error that upload alone caused; one forward pass for all.
-
-        A failure of the model or the deadline fails the whole request.
-        """
-        classifier = self.ready_classifier()
-        metrics.BATCH_REQUEST_FILES.observe(len(uploads))
-        outcomes = self.images.decode_each(uploads, deadline, classifier.engine.prepare)
+        outcomes = self.images.prepare_each(images, deadline, classifier.encoder.prepare)
         inputs = [outcome for outcome in outcomes if not isinstance(outcome, ServiceError)]
         if not inputs:
             return outcomes
@@ -113,22 +103,14 @@ class ClipService:
         self.ready_classifier()
         return self.host.embedder
 
-    def embed_images(self, images: list[Image.Image], deadline: float) -> torch.Tensor:
-        """(N, D) unit embeddings of the images, in one forward pass through the micro-batcher."""
+    def embed(self, images: list[bytes], deadline: float) -> torch.Tensor:
+        """(N, D) unit embeddings of the images (bytes, as classify takes them), in one forward pass
+        through the micro-batcher; one image that cannot be read fails them all."""
         embedder = self.ready_embedder()
-        return self._embedded(len(images), lambda: embedder.images(images, deadline))
-
-    def embed_uploads(self, uploads: list[bytes], deadline: float) -> torch.Tensor:
-        """(N, D) unit embeddings of uploads, each decoded and prepared on its own thread (so at most one
-        full-size image per core is held at a time), in one forward pass through the micro-batcher."""
-        embedder = self.ready_embedder()
-        inputs = self.images.from_uploads(uploads, deadline, embedder.classifier.engine.prepare)
-        return self._embedded(len(inputs), lambda: embedder.prepared(inputs, deadline))
-
-    def _embedded(self, count: int, embed: Callable[[], torch.Tensor]) -> torch.Tensor:
+        inputs = self.images.prepare_all(images, deadline, embedder.encoder.prepare)
         with self.health.watching(), metrics.timed("model"):
-            vectors = embed()
-        metrics.EMBEDDINGS.labels("image").inc(count)
+            vectors = embedder.images(inputs, deadline)
+        metrics.EMBEDDINGS.labels("image").inc(len(inputs))
         return vectors
 
     def embed_texts(self, texts: list[str], prompts: bool, deadline: float | None = None) -> torch.Tensor:
@@ -156,14 +138,14 @@ class ClipService:
         with metrics.timed("search"):
             return best_matches(index.embeddings, index.shown_paths, query.numpy(), k)
 
-    def thumbnail(self, path: str) -> bytes:
+    def thumbnail(self, path: str, deadline: float | None = None) -> bytes:
         """A small JPEG of an indexed image; only paths the index holds, read beneath its folder."""
         index = self.photo_index()
         row = index.row_of_shown.get(path)
         if row is None:
             raise NotFound(f"{path[:200]} is not in the photo index")
         with metrics.timed("thumbnail"):
-            return thumbnail_jpeg(index.folder, index.paths[row], self.images.limits)
+            return thumbnail_jpeg(index.folder, index.paths[row], self.images.limits, deadline=deadline)
 
     def _draft_size(self) -> tuple[int, int] | None:
         classifier = self.classifier

@@ -56,6 +56,7 @@ class Settings:
     emoji_retry_seconds: float = 30.0
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 60_000_000
+    decode_memory_mb: int = 1024  # memory one worker's decodes may hold at once (inputs/budget.py)
     allowed_file_roots: tuple[Path, ...] = ()
     url_allowlist: tuple[str, ...] = ()
     url_timeout: float = 10.0
@@ -272,6 +273,7 @@ _PARSERS = {
         "emoji_retry_seconds", lambda raw: _number("EMOJI_RETRY_SECONDS", raw, 0.0, None, True)),
     "MAX_IMAGE_BYTES": ("max_image_bytes", lambda raw: _integer("MAX_IMAGE_BYTES", raw, 1024)),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", lambda raw: _integer("MAX_IMAGE_PIXELS", raw, 1)),
+    "DECODE_MEMORY_MB": ("decode_memory_mb", lambda raw: _integer("DECODE_MEMORY_MB", raw, 16, 1 << 20)),
     "ALLOWED_FILE_ROOTS": ("allowed_file_roots", _roots),
     "URL_ALLOWLIST": ("url_allowlist", _allowlist),
     "URL_TIMEOUT": ("url_timeout", lambda raw: _number("URL_TIMEOUT", raw, 0.0, 300.0, True)),

@@ -87,3 +87,16 @@ def serves_on_gpu(settings: Settings) -> bool:
 
 def worker_count(settings: Settings) -> int:
     return settings.workers or default_workers(serves_on_gpu(settings), os.cpu_count() or 1)
+
+
+def reload_on_sighup(service) -> None:
+    """SIGHUP reloads what `service.reload` reloads (labels, templates, the photo index), on a thread of
+    its own: a signal handler must not wait for file reads or the model. One reload for CLIP.sh's
+    workers and REST.py alike."""
+    import signal
+    import threading
+
+    def reload(signum, frame):
+        threading.Thread(target=service.reload, name="clip-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, reload)

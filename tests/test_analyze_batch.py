@@ -12,9 +12,9 @@ import weakref
 
 import pytest
 
+from clip_service.cores import MAX_THREADS
 from clip_service.http.limits import MULTIPART_OVERHEAD
-from clip_service.inputs import sources
-from clip_service.runtime.cores import MAX_THREADS
+from clip_service.inputs import images
 from tests.support.images import image_bytes
 from tests.support.responses import assert_error, assert_success, upload
 
@@ -168,7 +168,7 @@ def test_a_request_holds_one_full_size_image_per_core_not_all_of_them(app, clien
     """32 large PNGs fit in a small body (they compress ~1000:1); decoded all at once they would be
     32 x 180 MB. Each is made the model's small input on the thread that decoded it, then dropped."""
     live, alive_at_prepare = set(), []
-    real_decode = sources.decode_image
+    real_decode = images._loaded_rgb
 
     def decode(*args, **kwargs):
         image = real_decode(*args, **kwargs)
@@ -176,7 +176,7 @@ def test_a_request_holds_one_full_size_image_per_core_not_all_of_them(app, clien
         weakref.finalize(image, live.discard, id(image))
         return image
 
-    monkeypatch.setattr(sources, "decode_image", decode)
+    monkeypatch.setattr(images, "_loaded_rgb", decode)
     engine = app.extensions["clip_service"].ready_classifier().engine
     real_prepare = engine.prepare
 

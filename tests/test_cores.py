@@ -1,4 +1,4 @@
-"""runtime/cores.py: a request's per-image work on several threads, in order, errors raised."""
+"""cores.py: a request's per-image work on several threads, in order, errors raised."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from clip_service.runtime import cores
+from clip_service import cores
 
 
 def test_results_keep_their_order_and_the_work_runs_side_by_side(monkeypatch):

@@ -85,7 +85,7 @@ def test_new_labels_over_the_token_budget_are_a_400_that_names_the_limit(tiny_en
     assert cache.features(labels, templates).shape[0] == 8  # cached labels cost nothing
 
 
-def test_one_request_encodes_at_a_time_and_the_next_is_refused_at_once():
+def test_one_request_encodes_at_a_time_and_others_wait_within_their_deadlines():
     encoder = GatedEncoder()
     cache = CustomLabelCache(encoder)
     template = ("{}",)
@@ -96,13 +96,67 @@ def test_one_request_encodes_at_a_time_and_the_next_is_refused_at_once():
     first.start()
     assert encoder.started.wait(10)
     began = time.monotonic()
-    with pytest.raises(Overloaded, match="being encoded"):
-        cache.features(("other",), template)
+    with pytest.raises(Overloaded, match="being encoded.*REQUEST_TIMEOUT"):
+        cache.features(("other",), template, deadline=time.monotonic() + 0.4)
+    assert 0.35 <= time.monotonic() - began < 1, "it waited for its turn until its deadline, no longer"
+    began = time.monotonic()
     assert cache.features(("cached",), template).shape == (1, 2), "cached labels need no encoding"
+    assert time.monotonic() - began < 0.5
+    waiting = []
+    second = threading.Thread(target=lambda: waiting.append(cache.features(("other",), template,
+                                                                           time.monotonic() + 30)))
+    second.start()
+    time.sleep(0.2)
+    assert waiting == [], "it waits for the encoding in progress"
+    encoder.release.set()
+    first.join(10)
+    second.join(10)
+    assert waiting[0].shape == (1, 2), "then encodes its own labels"
+
+
+def test_the_same_new_labels_asked_at_once_are_encoded_once_for_all():
+    """A client's thread pool sends one label set from 8 threads: each waits for the one encoding."""
+    encoder = GatedEncoder()
+    cache = CustomLabelCache(encoder)
+    templates = ("{}", "a {}")
+    labels = ("red", "green", "blue")
+    answers, errors = [], []
+
+    def ask(order):
+        try:
+            answers.append(dict(zip(order, cache.features(order, templates, time.monotonic() + 30),
+                                    strict=True)))
+        except Exception as error:  # noqa: BLE001  every failure is what the test reports
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(labels if index % 2 else labels[::-1],))
+               for index in range(8)]
+    for thread in threads:
+        thread.start()
+    assert encoder.started.wait(10)
+    time.sleep(0.3)  # all eight are asking now
+    encoder.release.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == [] and len(answers) == 8
+    assert sorted(encoder.texts) == sorted(template.format(label) for template in templates
+                                           for label in labels), "encoded once, not once a request"
+    assert all(torch.equal(answer[label], answers[0][label]) for answer in answers for label in labels)
+
+
+def test_a_waiter_whose_deadline_passes_gets_504_and_the_encoding_goes_on():
+    encoder = GatedEncoder()
+    cache = CustomLabelCache(encoder)
+    first = threading.Thread(target=cache.features, args=(("slow",), ("{}",)))
+    first.start()
+    assert encoder.started.wait(10)
+    began = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="another request was encoding the same labels="):
+        cache.features(("slow",), ("{}",), deadline=time.monotonic() + 0.3)
     assert time.monotonic() - began < 1
     encoder.release.set()
     first.join(10)
-    assert cache.features(("other",), template).shape == (1, 2), "free again once the first is done"
+    assert encoder.texts == ["slow"]
 
 
 def test_no_template_is_encoded_after_the_deadline():
@@ -110,3 +164,21 @@ def test_no_template_is_encoded_after_the_deadline():
     with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
         CustomLabelCache(encoder).features(("late",), ("{}", "a {}"), deadline=time.monotonic() - 0.1)
     assert encoder.texts == []
+
+
+def test_the_deadline_is_checked_every_16_texts():
+    """README: "the deadline is checked every 16 texts": 100 texts whose time runs out during the first
+    pass are cut after it, never encoded in one pass of 100 (only a deadline already past was tested)."""
+    batches = []
+
+    class Slow(CountingEncoder):
+        def encode_texts(self, texts):
+            batches.append(len(texts))
+            time.sleep(0.3)
+            return super().encode_texts(texts)
+
+    labels = tuple(f"colour {index}" for index in range(100))
+    cache = CustomLabelCache(Slow(), token_budget=100_000)
+    with pytest.raises(DeadlineExceeded):
+        cache.features(labels, ("{}",), deadline=time.monotonic() + 0.1)
+    assert batches == [16], batches

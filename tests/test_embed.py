@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import time
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch
 
 from clip_service.http.limits import JSON_BODY_MAX
 from clip_service.tasks.embed import Embedder, base64_rows, float_lists
+from clip_service.tasks.encode import Encoder
 from clip_service.vocabulary.custom_labels import CustomLabelCache
-from tests.support.engines import GatedEngine
+from tests.support.engines import EngineWrapper, GatedEngine
 from tests.support.images import image_bytes
 from tests.support.responses import assert_error, assert_success, upload
 
@@ -48,7 +50,7 @@ def test_an_image_embedding_is_the_feature_analyze_scores(app, client):
     data = image_bytes(colour=COLOURS[0])
     vector = embedded(client.post("/embed", **files(data)))[0]
     service = app.extensions["clip_service"]
-    image = service.images.from_upload(data)
+    [image] = service.images.prepare_all([data])
     assert torch.equal(torch.from_numpy(vector), service.classifier.image_features(image))
     # and it reproduces /analyze's confidences: softmax of logit_scale * cosine over the labels
     classifier = service.classifier
@@ -84,6 +86,15 @@ def test_texts_by_query_and_by_json_agree_and_keep_order_and_repeats(client):
     by_json = embedded(client.post("/embed", json={"texts": texts}))
     assert np.array_equal(by_query, by_json)
     assert np.array_equal(by_query[0], by_query[2]) and not np.allclose(by_query[0], by_query[1])
+
+
+def test_plain_texts_are_encoded_exactly_as_written(app, client):
+    """Without prompts a text goes to the text tower as it is: no template, no prefix (checking the
+    routes only against each other would pass with any template applied to both)."""
+    engine = app.extensions["clip_service"].classifier.engine
+    texts = ["a red circle", "cat"]
+    expected = torch.nn.functional.normalize(engine.encode_texts(texts).float(), dim=-1).numpy()
+    assert np.allclose(embedded(client.get("/embed", query_string={"text": texts})), expected, atol=1e-6)
 
 
 def test_prompted_texts_are_exactly_what_analyze_scores_labels_with(app, client):
@@ -131,8 +142,8 @@ def test_text_embeddings_reuse_the_label_caches(app):
             calls.append(len(texts))
             return encode(texts)
 
-    embedder = Embedder(classifier, CustomLabelCache(Counting()))
-    classifier.custom_labels = CustomLabelCache(Counting())
+    embedder = Embedder(Encoder(classifier.engine, label_texts=CustomLabelCache(Counting()),
+                                plain_texts=CustomLabelCache(Counting())), lambda: classifier.vocabulary)
     embedder.texts(["cat", "a dog on a beach"], prompts=True)  # cat: a vocabulary row, not encoded
     assert calls == [1] * len(classifier.vocabulary.templates)
     embedder.texts(["a dog on a beach"], prompts=True)
@@ -225,3 +236,18 @@ def test_texts_share_the_token_budget_of_labels(make_app, settings):
                  "under 8 prompt template(s)", "over the limit of 40")
     assert embedded(client.post("/embed", json={"texts": texts[:3]})).shape == (3, 32)
     assert embedded(client.post("/embed", json={"texts": ["cat"], "prompts": True})).shape == (1, 32)
+
+
+def test_texts_keep_to_the_request_timeout(make_app, settings, tiny_engine):
+    """The fakes slowed only image encoding: a text tower as slow as a big model's on a small CPU must
+    end in 504 near REQUEST_TIMEOUT, not when every text is done."""
+    class SlowTexts(EngineWrapper):
+        def encode_texts(self, texts):
+            time.sleep(0.25)
+            return self._engine.encode_texts(texts)
+
+    app = make_app(dataclasses.replace(settings, request_timeout=1.0), engine=SlowTexts(tiny_engine))
+    texts = [f"a picture number {index}" for index in range(100)]  # 7 passes of 16: 1.75 s
+    began = time.monotonic()
+    assert_error(app.test_client().post("/embed", json={"texts": texts}), 504, "REQUEST_TIMEOUT")
+    assert time.monotonic() - began < 1.0 + 0.5

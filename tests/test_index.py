@@ -23,8 +23,9 @@ import pytest
 from clip_service import cli
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import model_identity, parse_model_spec
+from clip_service.inputs import images
 from clip_service.inputs.images import ImageLimits
-from clip_service.library import batches, indexer
+from clip_service.library import indexer
 from clip_service.library.errors import LibraryError
 from clip_service.library.indexer import IndexOptions, journal_path
 from clip_service.library.photo_index import PhotoIndexError, read_index, write_index
@@ -153,13 +154,13 @@ def test_only_model_sized_inputs_wait_for_the_model_never_full_size_photos(colou
     for 60-megapixel PNGs of a few kilobytes each. Each is made the model's input where it was decoded."""
     decoded = []  # a weak reference to every photo decoded
 
-    def tracked(path, limits, draft_size=None, beneath=None):
-        image, problem = read_image(path, limits, draft_size, beneath)
-        if image is not None:
-            decoded.append(weakref.ref(image))
-        return image, problem
+    def tracked(*args, **kwargs):
+        image = loaded_rgb(*args, **kwargs)
+        decoded.append(weakref.ref(image))
+        return image
 
-    monkeypatch.setattr(batches, "read_image", tracked)
+    loaded_rgb = images._loaded_rgb
+    monkeypatch.setattr(images, "_loaded_rgb", tracked)
     seen = []
 
     class Watching(CountingEngine):

@@ -321,3 +321,67 @@ def test_shared_prefix_through_several_layers(tmp_path):
         texts = [template.format(label) for label in LABELS]
         got, expected = engine.encode_texts(texts, batch_size=8), reference.encode_texts(texts)
         assert cosines(got, expected).min() > 0.9999, template
+
+
+class CpuReading:
+    """An ov.Core's answer to OPTIMIZATION_CAPABILITIES, as a CPU with or without bf16 gives it."""
+
+    def __init__(self, capabilities: list[str]):
+        self.capabilities = capabilities
+
+    def get_property(self, device: str, name: str):
+        assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+        return self.capabilities
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    (["FP32", "INT8", "BIN", "EXPORT_IMPORT"], "fp32"),  # AVX2 or AVX-512 without BF16
+    (["FP32", "BF16", "FP16", "INT8", "BIN", "EXPORT_IMPORT"], "bf16"),  # AMX or AVX512-BF16
+])
+def test_auto_precision_follows_the_cpus_bf16(capabilities, expected):
+    """CLIP_PRECISION=auto on OpenVINO: bf16 only where the CPU runs it natively (only torch's choice
+    was tested); a setting given is kept whatever the CPU."""
+    from clip_service.engines.openvino_engine import resolve_precision
+
+    assert resolve_precision("auto", CpuReading(capabilities)) == expected
+    assert resolve_precision("fp32", CpuReading(capabilities)) == "fp32"
+    assert resolve_precision("int8", CpuReading(capabilities)) == "int8"
+
+
+def _unquantised_matmuls(xml: Path) -> list[str]:
+    """The MatMuls of an exported tower whose weights are not int8 or uint8 constants (NNCF's int8
+    weights are a u8/i8 Constant behind Convert, Subtract and Multiply)."""
+    from clip_service.engines.openvino_import import ov
+
+    def constant_types(output, depth=0) -> set[str]:
+        node = output.get_node()
+        if node.get_type_name() == "Constant":
+            return {node.get_element_type().get_type_name()}
+        if node.get_type_name() in ("Parameter",) or depth > 6:
+            return set()
+        return set().union(*(constant_types(value.get_source_output(), depth + 1) for value in node.inputs()))
+
+    model = ov.Core().read_model(str(xml))
+    faults = []
+    for node in model.get_ops():
+        if node.get_type_name() != "MatMul":
+            continue
+        weight = node.input(1).get_source_output()
+        if weight.get_node().get_type_name() == "Parameter":
+            continue
+        kinds = constant_types(weight)
+        if kinds and not kinds & {"u8", "i8", "u4", "i4"}:
+            faults.append(f"{node.get_friendly_name()}: {sorted(kinds)}")
+    return faults
+
+
+def test_int8_quantises_the_weights_of_both_towers(spec, export_dir):
+    """Weighing text.bin alone shows the token table shrink, not the layers: every weight MatMul of
+    each tower must read int8 weights."""
+    load_engine(spec, "cpu", "int8", "openvino", export_dir)
+    load_engine(spec, "cpu", "fp32", "openvino", export_dir)
+    folders = {'"weights": "int8"' in manifest.read_text(): manifest.parent
+               for manifest in export_dir.glob("openvino/*/manifest.json")}
+    for tower in ("image", "text"):
+        assert _unquantised_matmuls(folders[True] / f"{tower}.xml") == [], tower
+        assert _unquantised_matmuls(folders[False] / f"{tower}.xml"), f"the check finds f32 {tower} weights"

@@ -209,6 +209,11 @@ def test_a_failed_load_says_why_without_the_servers_paths(make_app, settings, ti
     body = client.get("/health").get_json()
     assert body["model_status"] == "failed"
     assert body["error"] == "LabelsError: The label file animals.txt is not UTF-8 (byte 3); save it as UTF-8"
+    # the routes that need the model say the same, not the full path /health leaves out
+    for response in (upload(client, image_bytes()), client.get("/embed", query_string={"text": "a cat"}),
+                     client.get("/labels")):
+        assert_error(response, 503, "failed to load: LabelsError: The label file animals.txt is not UTF-8")
+        assert str(folder) not in response.get_data(as_text=True)
 
 
 def test_failing_model_is_503_without_details(make_app, settings, tiny_engine):

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
+import struct
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from clip_service import cli
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
-from clip_service.errors import ServiceError
+from clip_service.errors import DeadlineExceeded, Overloaded, ServiceError
+from clip_service.inputs.budget import MB, DecodeBudget
 from clip_service.inputs.images import ImageLimits
 from clip_service.inputs.thumbnails import thumbnail_jpeg
 from clip_service.library import indexer
 from clip_service.library.indexer import IndexOptions
-from clip_service.library.photo_index import read_index, write_index
+from clip_service.library.photo_index import PhotoIndexError, read_index, write_index
 from clip_service.settings import Settings
 from tests.support.responses import assert_error, assert_success
 from tests.support.trained_clip import COLOURS, draw_picture, write_pictures
@@ -82,6 +88,17 @@ def test_a_red_circle_finds_the_red_pictures(client, indexed):
         assert colours(matches_of(client.get("/search", query_string={"q": f"a {colour} square",
                                                                       "k": 3}))) == [colour] * 3
     assert len(matches_of(client.get("/search?q=red"))) == 10  # the default k
+
+
+def test_a_text_query_is_encoded_exactly_as_written(make_app, search_settings, indexed):
+    """/search?q= scores the index against the text tower's vector of q itself: no prompt template."""
+    app = make_app(search_settings)
+    engine = app.extensions["clip_service"].classifier.engine
+    query = torch.nn.functional.normalize(engine.encode_texts(["a pink square"]).float(), dim=-1)[0]
+    index = read_index(indexed[1])
+    expected = sorted((float(score) for score in np.asarray(index.embeddings) @ query.numpy()), reverse=True)
+    matches = matches_of(app.test_client().get("/search", query_string={"q": "a pink square", "k": 3}))
+    assert [match["score"] for match in matches] == pytest.approx(expected[:3], abs=1e-4)
 
 
 def test_a_photo_finds_photos_like_it(client):
@@ -172,6 +189,27 @@ def test_sighup_reloads_a_rewritten_index_and_keeps_the_old_one_when_the_new_is_
     assert "was not reloaded" in caplog.text
 
 
+def test_an_index_with_an_infinite_offset_is_damaged_and_costs_search_only(make_app, search_settings,
+                                                                         indexed, tmp_path, caplog):
+    """`1e999` in a tensor's data_offsets reads as infinity, and int() of it overflows: the worker
+    must still start and classify (an OverflowError escaped and failed the whole worker)."""
+    data = indexed[1].read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["paths"]["data_offsets"] = [0, "INFINITE"]
+    text = json.dumps(header).replace('"INFINITE"', "1e999").encode()
+    damaged = tmp_path / "damaged.clipindex"
+    damaged.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+    with pytest.raises(PhotoIndexError, match="damaged"):
+        read_index(damaged)
+    app = make_app(dataclasses.replace(search_settings, search_index=damaged))
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    assert_success(client.post("/analyze", data={"file": (io.BytesIO(png(draw_picture("red", "circle"))),
+                                                          "x.png")}, content_type="multipart/form-data"))
+    assert_error(client.get("/search?q=red"), 503, "Photo search is unavailable")
+
+
 def test_an_index_gone_bad_before_a_worker_starts_costs_search_only_until_sighup(
         make_app, search_settings, indexed, tmp_path, caplog):
     """The master checks SEARCH_INDEX once; a worker restarting later may find it damaged, or of
@@ -211,6 +249,20 @@ def test_an_unreadable_entry_names_only_the_clients_path_however_long_the_folder
     with pytest.raises(ServiceError) as caught:
         thumbnail_jpeg(folder, "0.png", ImageLimits(1_000_000, 1_000_000))
     assert caught.value.message == "0.png cannot be read as an image file"
+
+
+def test_a_thumbnail_keeps_to_its_deadline_and_the_decode_budget(tmp_path):
+    """REQUEST_TIMEOUT was checked only when the request arrived: a thumbnail decoded however late."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw_picture("red", "circle", 600, seed=3).save(folder / "big.png")
+    limits = ImageLimits(8 << 20, 60_000_000, DecodeBudget(4 * MB))
+    with pytest.raises(DeadlineExceeded, match="REQUEST_TIMEOUT"):
+        thumbnail_jpeg(folder, "big.png", limits, deadline=time.monotonic() - 0.01)
+    with limits.budget.reserved(3 * MB), pytest.raises(Overloaded, match="DECODE_MEMORY_MB"):
+        thumbnail_jpeg(folder, "big.png", limits, deadline=time.monotonic() + 0.2)
+    thumbnail = Image.open(io.BytesIO(thumbnail_jpeg(folder, "big.png", limits, side=128)))
+    assert thumbnail.size == (128, 128) and limits.budget.used == 0
 
 
 @pytest.mark.parametrize("query, fragment", [
@@ -282,3 +334,32 @@ def test_file_names_that_are_not_utf8_or_hold_line_separators_are_searched_and_s
     for path in shown:
         thumbnail = client.get("/search/thumbnail", query_string={"path": path})
         assert thumbnail.status_code == 200 and thumbnail.mimetype == "image/jpeg", path
+
+
+def test_the_search_commands_lines_cannot_be_forged_by_file_names(trained_model_dir, tmp_path, clean_env,
+                                                                  capsysbinary):
+    """A photo named x<newline>0.9999<tab>/home/victim/keep.png printed a line of its own for a path
+    outside the folder, with the top score, into `cut -f2 | xargs`; its name is escaped now, and -0
+    gives every name exactly, NUL-terminated."""
+    folder = tmp_path / "photos"
+    write_pictures(folder, ["red"], 2)
+    forged = folder / "x\n0.9999\t" / "home" / "victim" / "keep.png"
+    forged.parent.mkdir(parents=True)
+    draw_picture("red", "circle", 96, seed=5).save(forged, "PNG")
+    engine = load_engine(parse_model_spec(f"local-dir:{trained_model_dir}"), "cpu", "fp32")
+    output = tmp_path / "photos.clipindex"
+    indexer.run(IndexOptions(folder, output), Settings(clip_model=f"local-dir:{trained_model_dir}"),
+                lambda: engine)
+    for name, value in (("CLIP_MODEL", f"local-dir:{trained_model_dir}"), ("CLIP_DEVICE", "cpu"),
+                        ("CLIP_BACKEND", "torch"), ("CLIP_CACHE_DIR", str(tmp_path / "cache"))):
+        clean_env.setenv(name, value)
+    assert cli.main(["search", str(output), "a red circle", "-k", "3"]) == 0
+    lines = capsysbinary.readouterr().out.decode().splitlines()
+    assert len(lines) == 3, lines
+    paths = [line.split("\t")[1] for line in lines]  # two fields a line, never three
+    assert all(path.startswith(f"{folder.resolve()}/") for path in paths), lines
+    assert f"{folder.resolve()}/x\\x0a0.9999\\x09/home/victim/keep.png" in paths
+    assert cli.main(["search", str(output), "a red circle", "-k", "3", "-0"]) == 0
+    records = capsysbinary.readouterr().out.split(b"\0")
+    assert records[-1] == b"" and len(records) == 4
+    assert str(forged.resolve()).encode() in [record.split(b"\t", 1)[1] for record in records[:-1]]

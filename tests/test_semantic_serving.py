@@ -165,6 +165,32 @@ def test_concurrent_requests_of_mixed_colours_each_get_their_own_colour(colour_s
     assert_mostly_named(zip([colour for colour, _ in pictures], answers, strict=True))
 
 
+def test_eight_threads_sending_the_same_new_labels_all_get_right_answers(colour_server):
+    """A pipeline's thread pool sends its own label set (all eight colours, new to the worker: this
+    test runs before any other sends it) from 8 threads at once, 96 requests: the first ones wait for
+    the one encoding of the set instead of being refused (38 of 96 were 503 before)."""
+    pictures = png_pictures(COLOURS, 12, first_seed=50_000)
+    every_colour = ",".join(COLOURS)
+    together = Barrier(8)
+    statuses = []
+
+    def send(share: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+        together.wait(timeout=30)
+        answers = []
+        for colour, data in share:
+            response = requests.post(f"{colour_server.base}/analyze", data={"labels": every_colour},
+                                     files={"file": ("picture", data)}, timeout=60)
+            statuses.append(response.status_code)
+            answers.append((colour, named(response) if response.status_code == 200 else ""))
+        return answers
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [pair for share in pool.map(send, [pictures[index::8] for index in range(8)])
+                   for pair in share]
+    assert statuses == [200] * len(pictures), sorted(statuses)
+    assert_mostly_named(answers)
+
+
 def test_groups_and_labels_options_pick_the_right_label(colour_server):
     base = colour_server.base
     answers = []

@@ -13,6 +13,7 @@ from clip_service.errors import NotReady, ShuttingDown
 from clip_service.service import ClipService
 from clip_service.tasks.classify import ClassifyOptions
 from tests.support.engines import EngineWrapper, GatedEngine
+from tests.support.images import encode
 
 
 @pytest.fixture
@@ -45,11 +46,12 @@ def test_once_loaded_the_settings_defaults_apply_and_images_decode_at_the_model_
     assert service.known_groups() == ("animals", "foods", "people")
     assert service.default_options() == ClassifyOptions(0.05, 4)
     assert service.images.draft_size() == (64, 64)
-    predictions = service.analyze(Image.new("RGB", (80, 60), "red"), time.monotonic() + 10)
+    [predictions] = service.classify([encode(Image.new("RGB", (80, 60), "red"), "PNG")],
+                                     time.monotonic() + 10)
     assert 1 <= len(predictions) <= 4 and all(p.confidence >= 0.05 for p in predictions)
     assert service.batcher.batch_sizes, "analysis goes through the host's micro-batcher"
-    only_foods = service.analyze(Image.new("RGB", (80, 60), "red"), options=ClassifyOptions(
-        0.0, 10, groups=("foods",)))
+    [only_foods] = service.classify([encode(Image.new("RGB", (80, 60), "red"), "PNG")],
+                                    time.monotonic() + 10, ClassifyOptions(0.0, 10, groups=("foods",)))
     assert {p.label for p in only_foods} == {"banana", "coffee", "pizza"}
 
 
@@ -65,4 +67,4 @@ def test_the_batcher_sees_the_admission_count(settings, tiny_engine):
     finally:
         service.stop()
     with pytest.raises(ShuttingDown):
-        service.analyze(Image.new("RGB", (64, 64)), time.monotonic() + 10)
+        service.classify([encode(Image.new("RGB", (64, 64)), "PNG")], time.monotonic() + 10)

@@ -4,13 +4,15 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 
 import pytest
 import requests
 
+from tests.support.http_fixtures import free_port
 from tests.support.images import image_bytes
-from tests.support.server import ROOT, start, stop, wait_healthy, worker_pids
+from tests.support.server import ROOT, gunicorn_workers, start, stop, wait_healthy, worker_pids
 
 pytestmark = pytest.mark.system
 
@@ -160,7 +162,7 @@ def test_sighup_while_a_worker_starts_up_does_not_end_it(server_env, tmp_path):
     process = start(server_env, tmp_path / "hup.log")
     try:
         deadline = time.monotonic() + 60
-        while not (first := worker_pids(process.pid)):
+        while not (first := gunicorn_workers(process.pid)):
             assert time.monotonic() < deadline and process.poll() is None, "no worker started"
             time.sleep(0.005)
         sent, until = 0, time.monotonic() + 3
@@ -169,10 +171,57 @@ def test_sighup_while_a_worker_starts_up_does_not_end_it(server_env, tmp_path):
             sent += 1
             time.sleep(0.02)
         wait_healthy(int(server_env["PORT"]), process, log_path=tmp_path / "hup.log")
-        assert worker_pids(process.pid) == first, f"a worker ended after {sent} SIGHUPs during its start"
+        assert gunicorn_workers(process.pid) == first, f"a worker ended after {sent} SIGHUPs during its start"
     finally:
         assert stop(process) == 0
     assert "was sent SIGHUP" not in (tmp_path / "hup.log").read_text()
+
+
+def hups_through_a_start(env: dict, log, command=None) -> tuple[int, int]:
+    """Start the server, SIGHUP its main process every 100 ms from 0.5 s on (systemctl reload right
+    after systemctl start, repeated) until it is healthy and 1 s more; (SIGHUPs sent, exit status)."""
+    process = start(env, log) if command is None else start(env, log, command=command)
+    sent, healthy = 0, threading.Event()
+
+    def hup():
+        nonlocal sent
+        time.sleep(0.5)
+        until = None
+        while process.poll() is None and (until is None or time.monotonic() < until):
+            os.kill(process.pid, signal.SIGHUP)
+            sent += 1
+            if until is None and healthy.is_set():
+                until = time.monotonic() + 1
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=hup)
+    sender.start()
+    try:
+        try:
+            wait_healthy(int(env["PORT"]), process, log_path=log)
+        finally:
+            healthy.set()
+            sender.join(30)
+        assert process.poll() is None, f"the main process ended after {sent} SIGHUPs"
+        assert requests.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=10).status_code == 200
+    finally:
+        status = stop(process)
+    return sent, status
+
+
+def test_sighups_from_half_a_second_after_start_never_end_clip_sh(server_env, tmp_path):
+    """The master ended by SIGHUP, 5 starts of 5, and systemd counts that a clean exit (no restart):
+    CLIP.sh's own subshells, and gunicorn before its handlers, took SIGHUP's default."""
+    for start_number in range(5):
+        env = {**server_env, "PORT": str(free_port())}
+        sent, status = hups_through_a_start(env, tmp_path / f"hup-{start_number}.log")
+        assert sent >= 5 and status == 0, (start_number, sent, status)
+
+
+def test_sighups_from_half_a_second_after_start_never_end_rest_py(server_env, tmp_path):
+    sent, status = hups_through_a_start(server_env, tmp_path / "rest-hup.log",
+                                        [sys.executable, str(ROOT / "REST.py")])
+    assert sent >= 5 and status in (0, -signal.SIGTERM), status
 
 
 def test_python_rest_py_serves_too(server_env, tmp_path):

@@ -11,7 +11,6 @@ that start together wait on a lock instead of converting twice.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +31,11 @@ from clip_service.engines.openvino_import import ov
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.text_prefix import encode_after_prefix, start_states
 from clip_service.engines.torch_engine import create_open_clip_model, cuts_context, encode_tokens
+
+try:
+    import fcntl
+except ImportError:  # Windows: conversions are not excluded from each other (see _locked)
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +269,11 @@ def _file_sha256(path: Path) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """One conversion at a time for this cache folder; without fcntl (Windows) none is excluded, and each
+    conversion still lands whole (it is written aside and renamed)."""
+    if fcntl is None:
+        yield
+        return
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from clip_service.errors import BadInput
+from clip_service import metrics
+from clip_service.errors import BadInput, ServiceError
 from clip_service.http.bodies import analyze_body, batch_body
 from clip_service.http.current import admitted, current_service
 from clip_service.http.errors import elapsed
@@ -63,12 +64,12 @@ def _analyze(url_name: str | None, file_name: str | None):
         options = parse_options(request.values.getlist, service.settings.confidence_threshold,
                                 service.settings.max_predictions, service.known_groups())
         if url is not None:
-            image = service.images.from_url(url, deadline)
+            upload = service.images.url_bytes(url, deadline)
         elif path is not None:
-            image = service.images.from_file(path, deadline)
-        else:
-            image = service.images.from_upload(upload, deadline)
-        predictions = service.analyze(image, deadline, options)
+            upload = service.images.file_bytes(path)
+        [predictions] = service.classify([upload], deadline, options)
+        if isinstance(predictions, ServiceError):
+            raise predictions
     return jsonify(analyze_body(predictions, service.ready_classifier(), elapsed()))
 
 
@@ -104,5 +105,6 @@ def analyze_batch():
         service.ready_classifier()
         options = parse_options(request.values.getlist, service.settings.confidence_threshold,
                                 service.settings.max_predictions, service.known_groups())
-        outcomes = service.analyze_many(images, deadline, options)
+        metrics.BATCH_REQUEST_FILES.observe(len(images))
+        outcomes = service.classify(images, deadline, options)
     return jsonify(batch_body(outcomes, service.ready_classifier(), elapsed()))

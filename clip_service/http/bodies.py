@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 
 import torch
 
 from clip_service.engines.spec import public_model_name
-from clip_service.errors import ServiceError
+from clip_service.errors import ServiceError, without_server_paths
 from clip_service.library.photo_index import PhotoIndex
 from clip_service.runtime.host import LOADED
 from clip_service.service import ClipService
 from clip_service.tasks.classify import Classifier, Prediction
-from clip_service.tasks.embed import Embedder, base64_rows, float_lists
+from clip_service.tasks.embed import base64_rows, float_lists
 from clip_service.tasks.search import Match
 
 
@@ -52,9 +51,9 @@ def batch_body(outcomes: list[list[Prediction] | ServiceError], classifier: Clas
     }
 
 
-def embed_body(vectors: torch.Tensor, encoding: str, embedder: Embedder, processing_time: float) -> dict:
+def embed_body(vectors: torch.Tensor, encoding: str, classifier: Classifier, processing_time: float) -> dict:
     """/embed: one unit vector per input, in order: lists of numbers, or base64 little-endian float32."""
-    model_info = {**model_info_body(embedder.classifier), "dimensions": embedder.dimensions}
+    model_info = {**model_info_body(classifier), "dimensions": int(classifier.features.shape[1])}
     return {
         "service": "clip",
         "status": "success",
@@ -63,14 +62,15 @@ def embed_body(vectors: torch.Tensor, encoding: str, embedder: Embedder, process
     }
 
 
-def search_body(matches: list[Match], index: PhotoIndex, embedder: Embedder, processing_time: float) -> dict:
+def search_body(matches: list[Match], index: PhotoIndex, classifier: Classifier, processing_time: float,
+                ) -> dict:
     """/search: the best matches first, paths relative to the indexed folder."""
     return {
         "service": "clip",
         "status": "success",
         "matches": [{"path": match.path, "score": match.score} for match in matches],
         "metadata": {"processing_time": processing_time, "index_size": len(index.paths),
-                     "model_info": model_info_body(embedder.classifier)},
+                     "model_info": model_info_body(classifier)},
     }
 
 
@@ -103,15 +103,6 @@ def health_body(service: ClipService) -> dict:
 
 
 # An absolute path (not part of a URL), or a local-dir: model's; group 1 is its last part
-_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(local-dir:)?/(?:[^\s/'\"()]+/)*([^\s/'\"(),;]+)")
-
-
-def without_server_paths(message: str) -> str:
-    """A load error as /health shows it: each server path by its last part only (the log has it all),
-    as model names are shown: "/srv/clip/labels/animals.txt is not UTF-8" -> "animals.txt is not UTF-8"."""
-    return _SERVER_PATH.sub(lambda found: (found.group(1) or "") + found.group(2), message)
-
-
 def labels_body(service: ClipService) -> dict:
     """/labels: the loaded vocabulary grouped by file, each label with its emoji."""
     vocabulary = service.ready_classifier().vocabulary

@@ -123,14 +123,13 @@ def embed():
             texts = checked_texts(texts)
         elif options.prompts:
             raise BadInput("prompts applies to texts only; leave it out for images")
-        embedder = service.ready_embedder()
+        classifier = service.ready_classifier()
         if texts is not None:
             vectors = service.embed_texts(texts, options.prompts, deadline)
         else:
             if url is not None:
-                vectors = service.embed_images([service.images.from_url(url, deadline)], deadline)
+                images = [service.images.url_bytes(url, deadline)]
             elif path is not None:
-                vectors = service.embed_images([service.images.from_file(path, deadline)], deadline)
-            else:
-                vectors = service.embed_uploads(images, deadline)
-    return jsonify(embed_body(vectors, options.encoding, embedder, elapsed()))
+                images = [service.images.file_bytes(path)]
+            vectors = service.embed(images, deadline)
+    return jsonify(embed_body(vectors, options.encoding, classifier, elapsed()))

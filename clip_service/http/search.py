@@ -55,14 +55,14 @@ def search():
             data = uploads(1)[0]
             set_input_kind("upload")
             index = service.photo_index()  # refuse before decoding when search is off or not ready
-            query = service.embed_images([service.images.from_upload(data, deadline)], deadline)[0]
+            query = service.embed([data], deadline)[0]
         else:
             text = query_text()
             set_input_kind("text")
             index = service.photo_index()
             query = service.embed_texts([text], prompts=False, deadline=deadline)[0]
         matches = service.search(index, query, k)  # one index for the answer: SIGHUP may swap it meanwhile
-    return jsonify(search_body(matches, index, service.ready_embedder(), elapsed()))
+    return jsonify(search_body(matches, index, service.ready_classifier(), elapsed()))
 
 
 @search_bp.get("/search/index")
@@ -74,12 +74,12 @@ def index_info():
 @search_bp.get("/search/thumbnail")
 def thumbnail():
     service = current_service()
-    with admitted():
+    with admitted() as deadline:
         path = single_value(request.args.getlist, "path")
         if not path:
             raise BadInput("Give path, a path from a search answer, e.g. ?path=holiday/beach.jpg")
         set_input_kind("file")
-        data = service.thumbnail(path)
+        data = service.thumbnail(path, deadline)
     response = Response(data, mimetype="image/jpeg")
     response.headers["Cache-Control"] = THUMBNAIL_CACHE
     return response

@@ -7,19 +7,25 @@ pixels costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
 import os
 import stat
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip_service.errors import BadInput, Forbidden, NotFound, ServiceError, TooLarge
+from clip_service.errors import BadInput, DeadlineExceeded, Forbidden, NotFound, ServiceError, TooLarge
+from clip_service.inputs.budget import MB, DecodeBudget
+from clip_service.settings import Settings
 
 # Pillow format name -> the name clients know. MPO is the multi-picture JPEG many phones write.
 SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP": "BMP",
@@ -39,23 +45,65 @@ OPENERS = [name for name in SUPPORTED_FORMATS if name in Image.OPEN]
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    budget: DecodeBudget | None = None  # the worker's (or the library run's) decode memory; None: unbounded
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImageLimits:
+        """The settings' limits with a decode budget of their own: one per worker or library run."""
+        return cls(settings.max_image_bytes, settings.max_image_pixels,
+                   DecodeBudget(settings.decode_memory_mb * MB))
 
 
-def decode_image(data: bytes, limits: ImageLimits,
-                 draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Bytes -> an RGB image with EXIF orientation applied (first frame of an animation).
+def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None = None,
+                 prepare: Callable[[Image.Image], Any] | None = None, deadline: float | None = None) -> Any:
+    """Bytes -> an RGB image with EXIF orientation applied (first frame of an animation), or with
+    `prepare` what it makes of that image (the model's input, a thumbnail).
+
+    The decode's memory is reserved in `limits.budget` from before the pixels are allocated until
+    `prepare` has made its small result, so the full-size image never outlives its reservation.
+    `deadline` (time.monotonic()) bounds the wait for that memory.
 
     With `draft_size` (the model's input height and width), a JPEG is decoded straight to the
     smallest DCT scale (1/2, 1/4, 1/8) that still covers twice that size: about three times faster
     for a 12 MP photo, and the model's own resize then sees nearly the same pixels.
     """
+    image = _opened(data, limits, draft_size, deadline)
+    reservation = contextlib.nullcontext() if limits.budget is None else limits.budget.reserved(
+        decode_peak_bytes(image), deadline, f"The {image.size[0]}x{image.size[1]} {image.mode} image")
+    with reservation:
+        rgb = _loaded_rgb(image, deadline)
+        del image  # the decoded original, when a conversion made a new image, goes before `prepare`
+        return rgb if prepare is None else prepare(rgb)
+
+
+class _DeadlineBytes(io.BytesIO):
+    """The image's bytes as Pillow reads them while it decodes: no read after the deadline, so a decode
+    is cut within one small block (a 7745x7745 PNG of 120 KB inflates 60 MB from two 64 KB reads)."""
+
+    BLOCK = 1 << 13  # what Pillow reads at a time (its decodermaxblock): about 8 MB of a bomb's pixels
+
+    def __init__(self, data: bytes, deadline: float):
+        super().__init__(data)
+        self.deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("The request's time ran out while its image was decoded (REQUEST_TIMEOUT)")
+        return super().read(size)
+
+
+def _opened(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None,
+            deadline: float | None = None) -> Image.Image:
+    """The image with only its header read (and a JPEG's DCT scale chosen), checked against the limits;
+    with a deadline, its decoding reads the bytes in small blocks and stops at the deadline."""
     if not data:
         raise BadInput("The image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise TooLarge(f"The image is {len(data)} bytes; the limit is {limits.max_bytes} "
                        "(MAX_IMAGE_BYTES)")
     try:
-        image = Image.open(io.BytesIO(data), formats=OPENERS)
+        image = Image.open(io.BytesIO(data) if deadline is None else _DeadlineBytes(data, deadline),
+                           formats=OPENERS)
     except UnidentifiedImageError:
         raise BadInput(f"Not an image, or an unsupported format; supported: {SUPPORTED_LIST}") from None
     except DECODE_ERRORS as error:
@@ -74,9 +122,19 @@ def decode_image(data: bytes, limits: ImageLimits,
             # levels on average; from twice the size on it stays under 0.5.
             side = 2 * max(draft_size)
             image.draft("RGB", (side, side))
+    except DECODE_ERRORS as error:
+        raise BadInput(f"The {SUPPORTED_FORMATS[image.format]} image could not be decoded: "
+                       f"{_reason(error)}") from None
+    if deadline is not None:
+        image.decodermaxblock = _DeadlineBytes.BLOCK
+    return image
+
+
+def _loaded_rgb(image: Image.Image, deadline: float | None = None) -> Image.Image:
+    try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # not a copy: a huge image exists only once
-        return to_rgb(image)
+        return to_rgb(image, deadline)
     except Image.DecompressionBombError as error:
         raise BadInput(f"The image has too many pixels: {error}") from None
     except DECODE_ERRORS as error:
@@ -84,11 +142,62 @@ def decode_image(data: bytes, limits: ImageLimits,
                        f"{_reason(error)}") from None
 
 
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow allocates per pixel in this mode (every 3- and 4-channel mode takes 4 bytes)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+ORIENTATION = 0x0112
+HIGH_DEPTH_STRIPS = 24 * (1 << 20)  # _high_depth_to_rgb's strip arrays: a megapixel in a few dtypes
+
+
+def decode_peak_bytes(image: Image.Image) -> int:
+    """The most memory decoding this (header-only) image to RGB holds at once, in bytes.
+
+    Every image the path passes through is counted while it lives: the decoded one, the copy
+    exif_transpose makes when the image is turned, and what to_rgb builds for its mode.
+    """
+    mode = image.mode
+    per_pixel = _bytes_per_pixel(mode)
+    if _may_be_turned(image):
+        per_pixel += _bytes_per_pixel(mode)
+    extra = 0
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:
+        per_pixel += 4 + 4 + 1  # RGBA, the white background, the alpha channel
+    elif mode == "RGBA":
+        per_pixel += 4 + 1
+    elif mode in ("LA", "PA", "RGBa", "La"):
+        per_pixel += 4 + 4 + 1
+    elif mode.startswith("I") or mode == "F":
+        per_pixel += 4
+        extra = HIGH_DEPTH_STRIPS
+    elif mode != "RGB":
+        per_pixel += 4
+    width, height = image.size
+    return width * height * per_pixel + extra
+
+
+def _may_be_turned(image: Image.Image) -> bool:
+    """Whether exif_transpose may copy the image: its EXIF says so, or (a PNG's eXIf chunk may follow the
+    pixels, unread yet) it cannot be known before decoding."""
+    exif = image.info.get("exif")
+    if exif is None:
+        return image.format == "PNG"
+    try:
+        found = Image.Exif()
+        found.load(exif)
+        return found.get(ORIENTATION, 1) not in (1, None)
+    except DECODE_ERRORS:
+        return True
+
+
 def _reason(error: Exception) -> str:
     return str(error)[:200] or type(error).__name__
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, deadline: float | None = None) -> Image.Image:
     """Any Pillow mode -> RGB: transparency over white, 16-bit and float scaled, CMYK converted."""
     mode = image.mode
     if mode in ("P", "L", "RGB") and "transparency" in image.info:  # a transparent index or colour
@@ -100,26 +209,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
         mode = image.mode
     if mode.startswith("I") or mode == "F":
-        return _high_depth_to_rgb(image)
+        return _high_depth_to_rgb(image, deadline)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", rgba.size, WHITE)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
 
 
-def _high_depth_to_rgb(image: Image.Image, strip_pixels: int = 1 << 20) -> Image.Image:
+def _high_depth_to_rgb(image: Image.Image, deadline: float | None = None,
+                       strip_pixels: int = 1 << 20) -> Image.Image:
     """16-bit, 32-bit and float greyscale -> 8-bit grey RGB, scaled rather than clipped at 255.
 
     Converted a strip of rows at a time straight into the RGB array, so the temporary arrays stay small
     whatever the image's size (whole-image float64 arrays cost 8 bytes a pixel, several times over).
+    The strips of a 60-megapixel image take seconds on a busy core: the deadline is checked between them.
     """
     width, height = image.size
     rows = max(1, strip_pixels // width)
     strips = [(top, min(height, top + rows)) for top in range(0, height, rows)]
 
     def values(top: int, bottom: int) -> np.ndarray:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("The request's time ran out while its image was converted to 8 bits "
+                                   "(REQUEST_TIMEOUT)")
         return np.asarray(image.crop((0, top, width, bottom)))
 
     if image.mode == "F":
@@ -129,13 +243,18 @@ def _high_depth_to_rgb(image: Image.Image, strip_pixels: int = 1 << 20) -> Image
         low = min((low for low, _ in extremes), default=0.0)
         high = max((high for _, high in extremes), default=0.0)
         scale, offset = (255 / (high - low), low) if high > low else (0.0, low)
-    else:
-        peak = max(int(values(top, bottom).max(initial=0)) for top, bottom in strips)
-        scale, offset = (1 / 257.0 if peak > 255 or "16" in image.mode else 1.0), 0.0
+
+        def grey(strip: np.ndarray) -> np.ndarray:
+            return np.clip(np.nan_to_num((strip.astype(np.float32) - offset) * scale), 0, 255)
+    else:  # integers: one pass of Pillow's own for the peak, integer division for the scale
+        peak = image.getextrema()[1]
+        divisor = 257 if peak > 255 or "16" in image.mode else 1
+
+        def grey(strip: np.ndarray) -> np.ndarray:
+            return np.clip(strip // divisor, 0, 255)
     rgb = Image.new("RGB", (width, height))
     for top, bottom in strips:
-        strip = (values(top, bottom).astype(np.float32) - offset) * scale
-        rgb.paste(Image.fromarray(np.clip(np.nan_to_num(strip), 0, 255).astype(np.uint8), "L"), (0, top))
+        rgb.paste(Image.fromarray(grey(values(top, bottom)).astype(np.uint8), "L"), (0, top))
     return rgb
 
 

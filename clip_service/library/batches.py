@@ -90,13 +90,7 @@ def process_files(folder: Path, pending: list[Path], work: BatchWork[I, R], limi
     beneath = folder.resolve() if beneath_folder else None
 
     def read(relative: Path) -> tuple[I | None, str | None]:
-        image, problem = read_image(folder / relative, limits, draft_size, beneath)
-        if image is None:
-            return None, problem
-        try:
-            return work.prepare(image), None
-        except Exception as error:  # a decoder or resize bug on one odd file must not end the run
-            return None, f"{type(error).__name__}: {error}"
+        return read_image(folder / relative, limits, draft_size, beneath, work.prepare)
 
     def skip(relative: Path, problem: str) -> None:
         log.warning("Skipped %s: %s", relative, problem)

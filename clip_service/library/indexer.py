@@ -134,7 +134,7 @@ def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], E
         log.info("%d of %d files to index into %s", len(pending), len(candidates), options.output)
         if pending:
             engine = engine_loader()
-            limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+            limits = ImageLimits.of(settings)
             started = time.perf_counter()
             try:
                 embed_files(engine, options, pending, limits, journal_file, tag, summary)

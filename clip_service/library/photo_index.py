@@ -126,7 +126,7 @@ def read_index(file: Path) -> PhotoIndex:
                               f"-o {file}") from None
     except OSError as error:
         raise PhotoIndexError(f"{file} cannot be read: {error.strerror}") from None
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ArithmeticError, struct.error):
         raise PhotoIndexError(f"{file} is damaged or not a photo index; make it again with python -m "
                               "clip_service index") from None
 

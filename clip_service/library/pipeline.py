@@ -15,9 +15,9 @@ from typing import TypeVar
 
 from PIL import Image
 
+from clip_service.cores import MAX_THREADS
 from clip_service.errors import ServiceError
 from clip_service.inputs.images import ImageLimits, decode_image, read_file
-from clip_service.runtime.cores import MAX_THREADS
 
 # Decoding and preparing (Pillow releases the GIL) on every core, as the server's requests do, at least 2
 DECODE_WORKERS = max(2, min(os.cpu_count() or 1, MAX_THREADS))
@@ -28,8 +28,10 @@ R = TypeVar("R")
 
 
 def read_image(path: Path, limits: ImageLimits, draft_size: tuple[int, int] | None = None,
-               beneath: Path | None = None) -> tuple[Image.Image | None, str | None]:
-    """(image, None), or (None, why not): the server's file reading and decoding, same limits.
+               beneath: Path | None = None, prepare: Callable[[Image.Image], R] | None = None,
+               ) -> tuple[Image.Image | R | None, str | None]:
+    """(image, None), or (None, why not): the server's file reading and decoding, same limits and
+    (when `limits` has one) the same decode budget, held until `prepare` has made the model's input.
 
     draft_size is the model's input size, as the server passes it (JPEGs decode at a reduced scale
     that still covers it), so a photo gets the same pixels, and tags, here as there. With `beneath`
@@ -44,7 +46,7 @@ def read_image(path: Path, limits: ImageLimits, draft_size: tuple[int, int] | No
             if not real.is_relative_to(beneath):
                 return None, "a link out of the folder (not indexed: searching would reveal what it shows)"
             data = read_file(str(path), real, limits.max_bytes, (beneath,))
-        return decode_image(data, limits, draft_size), None
+        return decode_image(data, limits, draft_size, prepare), None
     except ServiceError as error:
         return None, error.message
     except Exception as error:  # a decoder bug on one odd file must not end a library run

@@ -148,7 +148,7 @@ def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[],
         if not pending:
             return summary
         classifier = classifier_loader()
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        limits = ImageLimits.of(settings)
         started = time.perf_counter()
         try:
             tag_files(options, pending, classifier, limits, output, summary)

@@ -17,13 +17,14 @@ from clip_service import metrics
 from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity, public_model_name
-from clip_service.errors import NotReady
+from clip_service.errors import NotReady, without_server_paths
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index
 from clip_service.runtime.batching import MicroBatcher
 from clip_service.runtime.health import Canary, Health
 from clip_service.settings import Settings
 from clip_service.tasks.classify import Classifier, EmojiSource
 from clip_service.tasks.embed import Embedder
+from clip_service.tasks.encode import Encoder
 from clip_service.vocabulary.custom_labels import CustomLabelCache
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.reload import LabelReloader, load_vocabulary
@@ -51,6 +52,7 @@ class ModelHost:
         self.error: str | None = None
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
+        self.encoder: Encoder | None = None
         self.embedder: Embedder | None = None
         self.photo_index: PhotoIndex | None = None  # SEARCH_INDEX, once loaded
         self._index_lock = threading.Lock()
@@ -73,7 +75,7 @@ class ModelHost:
         if self.status == LOADED:
             return self.classifier
         if self.status == FAILED:
-            raise NotReady(f"The model failed to load: {self.error}")
+            raise NotReady(f"The model failed to load: {without_server_paths(self.error)}")
         raise NotReady("The model is still loading; retry in a few seconds")
 
     def reload_labels(self) -> bool:
@@ -95,7 +97,9 @@ class ModelHost:
         with self._index_lock:  # two SIGHUPs around a rewrite must not finish in the wrong order
             try:
                 index = load_photo_index(self.settings, dimensions)
-            except PhotoIndexError as error:
+            except Exception as error:  # any index that cannot be used costs photo search only
+                if not isinstance(error, PhotoIndexError):
+                    log.debug("Reading the photo index failed unexpectedly", exc_info=True)
                 if self.photo_index:
                     log.warning("The photo index was not reloaded; the one loaded before keeps serving: %s",
                                 error)
@@ -139,10 +143,11 @@ class ModelHost:
                                on_batch=metrics.BATCH_SIZE.observe)
         self._keep(batcher)
         budget = settings.labels_token_budget
-        classifier = Classifier(engine, vocabulary, self.emoji, encode_images=batcher.submit_many,
-                                custom_labels=CustomLabelCache(engine, token_budget=budget))
-        embedder = Embedder(classifier, plain_texts=CustomLabelCache(engine, token_budget=budget))
-        self.batcher, self.embedder, self.classifier = batcher, embedder, classifier
+        encoder = Encoder(engine, batcher.submit_many, CustomLabelCache(engine, token_budget=budget),
+                          CustomLabelCache(engine, token_budget=budget))
+        classifier = Classifier(encoder, vocabulary, self.emoji)
+        embedder = Embedder(encoder, lambda: classifier.vocabulary)
+        self.batcher, self.encoder, self.embedder, self.classifier = batcher, encoder, embedder, classifier
         self._reloader = LabelReloader(settings, engine, lambda: classifier.vocabulary, self._use_vocabulary)
         self._publish(vocabulary)
         if settings.search_index is not None:

@@ -2,8 +2,8 @@
 
 CLIP's rule is cosine similarity times the logit scale, softmax over the candidates (sigmoid per label
 for SigLIP-style models). The candidates are the vocabulary, some of its groups, or a request's own
-labels. How an image becomes features (one at a time, or through the micro-batcher) is given to the
-Classifier, not chosen by it.
+labels. How an image becomes features (one at a time, or through the micro-batcher) is the Encoder's
+(tasks/encode.py), given to the Classifier, not chosen by it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from clip_service.cores import map_on_cores
 from clip_service.engines.base import Engine
-from clip_service.runtime.cores import map_on_cores
-from clip_service.vocabulary.custom_labels import CustomLabelCache
+from clip_service.tasks.encode import Encoder
 from clip_service.vocabulary.features import Vocabulary
 from clip_service.vocabulary.labels import LabelSet
 
@@ -68,14 +68,6 @@ class EmojiSource(Protocol):
     def emoji_for(self, label: str) -> str | None: ...
 
 
-ImageEncoder = Callable[[torch.Tensor, float | None], torch.Tensor]  # ((N, 3, H, W), deadline) -> (N, D)
-
-
-def direct_encoder(engine: Engine) -> ImageEncoder:
-    """Encode the images in the calling thread (no batching; deadlines are not enforced)."""
-    return lambda pixels, deadline=None: engine.encode_images(pixels)
-
-
 @dataclass(frozen=True)
 class ClassifyOptions:
     """What one classification asks for: /analyze's per-request options, or the settings' defaults."""
@@ -95,19 +87,20 @@ class Candidates:
 
 
 class Classifier:
-    """A loaded engine with its vocabulary: everything a classification needs.
+    """An encoder with its vocabulary: everything a classification needs.
 
     The vocabulary is swapped whole by a label reload while requests run; each call reads it once.
     """
 
-    def __init__(self, engine: Engine, vocabulary: Vocabulary, emoji: EmojiSource,
-                 encode_images: ImageEncoder | None = None, custom_labels: CustomLabelCache | None = None):
-        self.engine = engine
+    def __init__(self, encoder: Encoder | Engine, vocabulary: Vocabulary, emoji: EmojiSource):
+        # an engine alone (the command-line tools, tests): encoded directly, with caches of its own
+        self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder)
         self.vocabulary = vocabulary
         self.emoji = emoji
-        # The micro-batcher's submit_many in the server; the engine itself in the command-line tools.
-        self.encode_images = direct_encoder(engine) if encode_images is None else encode_images
-        self.custom_labels = CustomLabelCache(engine) if custom_labels is None else custom_labels
+
+    @property
+    def engine(self) -> Engine:
+        return self.encoder.engine
 
     @property
     def label_set(self) -> LabelSet:
@@ -124,18 +117,15 @@ class Classifier:
     def many_image_features(self, images: list[Image.Image], deadline: float | None = None,
                             ) -> torch.Tensor:
         """(N, D) unit features of several images, in one forward pass (resized in parallel)."""
-        return self.prepared_features(map_on_cores(self.engine.prepare, images), deadline)
-
-    def prepared_features(self, inputs: list[torch.Tensor], deadline: float | None = None) -> torch.Tensor:
-        """(N, D) unit features of model inputs from `engine.prepare`, in one forward pass."""
-        return self.encode_images(torch.stack(inputs), deadline)  # (N, 3, H, W) in
+        return self.encoder.images(map_on_cores(self.encoder.prepare, images), deadline)
 
     def candidates(self, labels: tuple[str, ...] | None = None, groups: tuple[str, ...] | None = None,
                    deadline: float | None = None) -> Candidates:
         """A request's own labels, the labels of some groups, or (neither given) the whole vocabulary."""
         vocabulary = self.vocabulary
         if labels is not None:
-            return Candidates(labels, self.custom_labels.features(labels, vocabulary.templates, deadline))
+            features = self.encoder.label_texts.features(labels, vocabulary.templates, deadline)
+            return Candidates(labels, features)
         if groups is not None:
             group_rows = vocabulary.group_rows
             rows = list(dict.fromkeys(row for group in groups for row in group_rows.get(group, ())))
@@ -159,7 +149,7 @@ class Classifier:
         candidates = self.candidates(labels, groups, deadline)
         if not candidates.labels:
             return [[] for _ in inputs]
-        return self.predictions(self.prepared_features(inputs, deadline), candidates, threshold, limit)
+        return self.predictions(self.encoder.images(inputs, deadline), candidates, threshold, limit)
 
     def predictions(self, image_features: torch.Tensor, candidates: Candidates, threshold: float,
                     limit: int) -> list[list[Prediction]]:

@@ -9,37 +9,32 @@ the same LRU cache). Without `prompts` a text is encoded as it is, cached in a s
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from clip_service.tasks.classify import Classifier
-from clip_service.vocabulary.custom_labels import CustomLabelCache
+from clip_service.tasks.encode import Encoder
+from clip_service.vocabulary.features import Vocabulary
 
 AS_WRITTEN = ("{}",)  # a "template" that leaves a text as it is
 ENCODINGS = ("float", "base64")  # how /embed writes vectors: numbers, or base64 of little-endian float32
 
 
 class Embedder:
-    """Embeds images and texts with a classifier's engine, batcher, vocabulary and label cache."""
+    """Embeds model inputs and texts with an encoder and the vocabulary in use (a reload swaps it)."""
 
-    def __init__(self, classifier: Classifier, plain_texts: CustomLabelCache | None = None):
-        self.classifier = classifier
-        self.plain_texts = CustomLabelCache(classifier.engine) if plain_texts is None else plain_texts
+    def __init__(self, encoder: Encoder, vocabulary: Callable[[], Vocabulary]):
+        self.encoder = encoder
+        self.vocabulary = vocabulary
 
     @property
     def dimensions(self) -> int:
-        return int(self.classifier.vocabulary.features.shape[1])
+        return int(self.vocabulary().features.shape[1])
 
-    def images(self, images: Sequence[Image.Image], deadline: float | None = None) -> torch.Tensor:
-        """(N, D) unit float32 embeddings, in one forward pass."""
-        return self.classifier.many_image_features(list(images), deadline)
-
-    def prepared(self, inputs: list[torch.Tensor], deadline: float | None = None) -> torch.Tensor:
-        """(N, D) unit float32 embeddings of model inputs from `engine.prepare`, in one forward pass."""
-        return self.classifier.prepared_features(inputs, deadline)
+    def images(self, inputs: list[torch.Tensor], deadline: float | None = None) -> torch.Tensor:
+        """(N, D) unit float32 embeddings of model inputs from `encoder.prepare`, in one forward pass."""
+        return self.encoder.images(inputs, deadline)
 
     def texts(self, texts: Sequence[str], prompts: bool = False, deadline: float | None = None,
               ) -> torch.Tensor:
@@ -49,13 +44,13 @@ class Embedder:
         """
         distinct = tuple(dict.fromkeys(texts))
         if not prompts:
-            vectors = self.plain_texts.features(distinct, AS_WRITTEN, deadline, asked_by="texts")
+            vectors = self.encoder.plain_texts.features(distinct, AS_WRITTEN, deadline, asked_by="texts")
             found = dict(zip(distinct, vectors, strict=True))
             return torch.stack([found[text] for text in texts])
-        vocabulary = self.classifier.vocabulary  # read once: a reload may swap it meanwhile
+        vocabulary = self.vocabulary()  # read once: a reload may swap it meanwhile
         rows = vocabulary.text_rows
         others = tuple(text for text in distinct if text not in rows)
-        found = dict(zip(others, self.classifier.custom_labels.features(
+        found = dict(zip(others, self.encoder.label_texts.features(
             others, vocabulary.templates, deadline, asked_by="texts"), strict=True)) if others else {}
         return torch.stack([vocabulary.features[rows[text]] if text in rows else found[text]
                             for text in texts])

@@ -129,6 +129,29 @@ def worker_pids(master: int) -> set[int]:
     return children
 
 
+def gunicorn_workers(master: int, settle: float = 0.1) -> set[int]:
+    """The gunicorn master's workers: children with the master's own command line (forked, not exec'd)
+    that are still there `settle` seconds later. A script's subshell or a command a library runs during
+    start-up (both seen before the first worker) has another command line, or is gone by then."""
+    def forked() -> set[int]:
+        try:
+            own = Path(f"/proc/{master}/cmdline").read_bytes()
+        except OSError:
+            return set()
+        found = set()
+        for pid in worker_pids(master):
+            with contextlib.suppress(OSError):
+                if b"gunicorn" in own and Path(f"/proc/{pid}/cmdline").read_bytes() == own:
+                    found.add(pid)
+        return found
+
+    first = forked()
+    if not first:
+        return set()
+    time.sleep(settle)
+    return first & forked()
+
+
 class ClipServer:
     """CLIP.sh (or `command` running it) started with `env` and healthy on 127.0.0.1; stop() returns
     its exit status."""
