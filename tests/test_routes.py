@@ -226,3 +226,16 @@ def test_failing_model_is_503_without_details(make_app, settings, tiny_engine):
     health = client.get("/health")
     assert health.status_code == 503, "a failing model is not healthy"
     assert "Inference is failing" in health.get_json()["error"]
+
+
+def test_the_route_table_declares_every_route_the_app_serves_with_its_methods(app):
+    """The door, access control, the body limits and the API description read http/routes.py: a route
+    the app serves but the table lacks would be treated as unknown (the light lane, no body limit)."""
+    from clip_service.http.routes import BY_PATH
+
+    served = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            served.setdefault(rule.rule, set()).update(rule.methods - {"HEAD", "OPTIONS"})
+    served.update({f"/static/{name}": {"GET"} for name in ("page.css", "page.js")})
+    assert {path: set(route.methods) for path, route in BY_PATH.items()} == served
