@@ -19,6 +19,7 @@ from clip_service.engines.registry import engine_for_settings
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
 from clip_service.library import indexer, tagger
+from clip_service.library.approximate import APPROXIMATE_FROM
 from clip_service.library.batches import Summary
 from clip_service.library.errors import LibraryError
 from clip_service.library.photo_index import PhotoIndexError, read_model_index
@@ -149,7 +150,13 @@ def add_index_command(commands) -> None:
     add_folder_walk_options(
         parser, resume="keep what INDEX (or an interrupted run) holds and embed only what it lacks",
         overwrite="index FOLDER again from scratch")
-    parser.set_defaults(handler=run_index)
+    search_kind = parser.add_mutually_exclusive_group()
+    search_kind.add_argument("--approximate", action="store_true", default=None,
+                             help="also build an approximate (HNSW) index for fast search, about 1.2 KB "
+                                  f"per image (default: from {APPROXIMATE_FROM:,} images on)")
+    search_kind.add_argument("--exact", action="store_false", dest="approximate",
+                             help="no approximate index: every search compares every image")
+    parser.set_defaults(handler=run_index, approximate=None)
 
 
 def results_arg(raw: str) -> int:
@@ -172,6 +179,9 @@ def add_search_command(commands) -> None:
     parser.add_argument("--json", action="store_true",
                         help='print {"folder": ..., "matches": [{"path": ..., "score": ...}, ...]} '
                              "instead of lines")
+    parser.add_argument("--exact", action="store_true",
+                        help="compare every image even when the index has an approximate index (slower; "
+                             "to check what it finds)")
     parser.set_defaults(handler=run_search)
 
 
@@ -243,7 +253,7 @@ def run_index(args: argparse.Namespace) -> int:
         options = indexer.IndexOptions(
             folder=args.folder, output=args.output, all_files=args.all_files, resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
-            batch_size=args.batch_size or 0)
+            batch_size=args.batch_size or 0, approximate=args.approximate)
         return indexer.run(options, settings, lambda: engine_for_settings(settings))
 
     return _run_library(args.quiet, run)
@@ -271,14 +281,15 @@ def run_search(args: argparse.Namespace) -> int:
     except (PhotoIndexError, SettingsError, ModelLoadError) as error:
         _say(str(error))
         return 2
+    approximate = None if args.exact else index.approximate
     if args.json:  # JSON carries only UTF-8: names that are not are shown with their bytes as \xNN
-        matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k)
+        matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k, approximate)
         print(json.dumps({"folder": str(index.folder),
                           "matches": [{"path": match.path, "score": match.score} for match in matches]},
                          ensure_ascii=False))
     else:  # a line per file with its real name, byte for byte, for `cut -f2 | xargs ...`
         lines = [f"{match.score:.4f}\t{index.folder / match.path}\n"
-                 for match in best_matches(index.embeddings, index.paths, query.numpy(), args.k)]
+                 for match in best_matches(index.embeddings, index.paths, query.numpy(), args.k, approximate)]
         sys.stdout.flush()
         sys.stdout.buffer.write("".join(lines).encode("utf-8", "surrogateescape"))
         sys.stdout.buffer.flush()

@@ -5,7 +5,8 @@ with the server's engine, reading and decoding each file exactly as the server's
 writes INDEX (library/photo_index.py). While it runs, each batch's embeddings are appended to a journal
 beside INDEX (`INDEX.partial`, JSON lines, flushed per batch): an interrupted run loses at most the batch
 in progress, and `--resume` continues from the journal. `--resume` on a finished index embeds only the
-images it lacks and drops those no longer in FOLDER. The journal becomes INDEX at the end.
+images it lacks and drops those no longer in FOLDER. The journal becomes INDEX at the end, with an
+approximate (HNSW) index of its vectors when asked or when it holds APPROXIMATE_FROM images or more.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
+from clip_service.library.approximate import APPROXIMATE_FROM
 from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
@@ -49,6 +51,7 @@ class IndexOptions:
     overwrite: bool = False
     progress: bool = False
     batch_size: int = 0  # images per forward pass; 0: the server's default for the device
+    approximate: bool | None = None  # build the HNSW index too; None: from APPROXIMATE_FROM images on
 
 
 def journal_path(output: Path) -> Path:
@@ -155,7 +158,10 @@ def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], E
             log.info("Dropped %d images no longer under %s", gone, folder)
         paths = sorted(path for path in rows if path in present)
         if paths:
+            approximate = options.approximate
+            if approximate is None:
+                approximate = len(paths) >= APPROXIMATE_FROM
             write_index(options.output, folder, settings.clip_model, identity, paths,
-                        np.stack([rows[path] for path in paths]))
+                        np.stack([rows[path] for path in paths]), approximate)
     journal.unlink()  # in INDEX now, or there was nothing to index
     return summary
