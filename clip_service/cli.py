@@ -139,6 +139,16 @@ def add_folder_walk_options(parser: argparse.ArgumentParser, resume: str, overwr
                              "bar is also off when stderr is not a terminal")
 
 
+def add_ray_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="run the model on a Ray cluster: auto (the cluster this machine joined with ray "
+                             "start), ray://HOST:PORT, HOST:PORT, or local (start one here); every node "
+                             "must see FOLDER at the same path (pip install -r requirements-cluster.txt)")
+    parser.add_argument("--ray-engines", type=limit_arg, metavar="N", default=0,
+                        help="with --ray: how many engines (actors) to run, spread over the nodes "
+                             "(default: one per 4 CPUs of each node)")
+
+
 def add_index_command(commands) -> None:
     parser = commands.add_parser(
         "index", help="embed every image in a folder tree into a photo index for search",
@@ -150,6 +160,7 @@ def add_index_command(commands) -> None:
     add_folder_walk_options(
         parser, resume="keep what INDEX (or an interrupted run) holds and embed only what it lacks",
         overwrite="index FOLDER again from scratch")
+    add_ray_option(parser)
     search_kind = parser.add_mutually_exclusive_group()
     search_kind.add_argument("--approximate", action="store_true", default=None,
                              help="also build an approximate (HNSW) index for fast search, about 1.2 KB "
@@ -253,7 +264,8 @@ def run_index(args: argparse.Namespace) -> int:
         options = indexer.IndexOptions(
             folder=args.folder, output=args.output, all_files=args.all_files, resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
-            batch_size=args.batch_size or 0, approximate=args.approximate)
+            batch_size=args.batch_size or 0, approximate=args.approximate, ray=args.ray,
+            ray_engines=args.ray_engines)
         return indexer.run(options, settings, lambda: engine_for_settings(settings))
 
     return _run_library(args.quiet, run)

@@ -1,0 +1,141 @@
+"""`index --ray` on a two-node Ray cluster on this machine (Ray's own ray.cluster_utils.Cluster): the
+index equals the single-machine one, both nodes did work, a node killed mid-run costs no photo and
+duplicates none, and --resume finishes an interrupted cluster run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clip_service import cli
+from clip_service.engines.registry import load_engine
+from clip_service.engines.spec import parse_model_spec
+from clip_service.library import cluster as cluster_module
+from clip_service.library import indexer
+from clip_service.library.indexer import IndexOptions, journal_path
+from clip_service.library.photo_index import read_index
+from clip_service.settings import Settings
+from clip_service.tasks.search import best_matches
+from tests.support.server import clean_environment
+from tests.support.system import unavailable
+from tests.support.trained_clip import COLOURS, write_pictures
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_COLOUR = 5
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node with 2 CPUs and a worker node with 1, each its own raylet; the package importable on
+    both (PYTHONPATH, as an installed package would be)."""
+    try:
+        from ray.cluster_utils import Cluster
+    except ImportError:
+        unavailable("Ray is not installed: pip install -r requirements-cluster.txt")
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved]))
+    memory = 100 * 1024 * 1024
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": memory})
+    worker = nodes.add_node(num_cpus=1, object_store_memory=memory)
+    nodes.wait_for_nodes()
+    try:
+        yield nodes, worker
+    finally:
+        nodes.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cluster") / "photos"
+    write_pictures(folder, COLOURS, PER_COLOUR, size=64)
+    (folder / "broken.png").write_bytes(b"not a picture")
+    return folder
+
+
+def index_command(model: Path, address: str, folder: Path, output: Path, *flags: str) -> subprocess.Popen:
+    env = clean_environment({"CLIP_MODEL": f"local-dir:{model}", "CLIP_BACKEND": "torch",
+                             "CLIP_CACHE_DIR": str(output.parent / "cache"), "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen([sys.executable, "-m", "clip_service", "index", str(folder), "-o", str(output),
+                             "--ray", address, "--ray-engines", "2", "--batch-size", "2", *flags],
+                            env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen, timeout: float = 240) -> str:
+    _, errors = process.communicate(timeout=timeout)
+    return errors
+
+
+def single_machine(model: Path, folder: Path, output: Path):
+    engine = load_engine(parse_model_spec(f"local-dir:{model}"), "cpu", "fp32")
+    indexer.run(IndexOptions(folder, output), Settings(clip_model=f"local-dir:{model}"), lambda: engine)
+    return read_index(output), engine
+
+
+def test_index_on_two_nodes_equals_the_single_machine_index(two_nodes, photos, trained_model_dir, tmp_path):
+    nodes, _ = two_nodes
+    errors = finished(index_command(trained_model_dir, nodes.address, photos, tmp_path / "ray.clipindex"))
+    assert "indexed 40, skipped 1" in errors, errors
+    assert "Skipped broken.png" in errors  # the unreadable-file report, as on one machine
+    assert not journal_path(tmp_path / "ray.clipindex").exists()
+    on_ray = read_index(tmp_path / "ray.clipindex")
+    alone, engine = single_machine(trained_model_dir, photos, tmp_path / "one.clipindex")
+    assert on_ray.paths == alone.paths and on_ray.folder == alone.folder
+    np.testing.assert_allclose(on_ray.embeddings, alone.embeddings, atol=1e-5)
+    assert "Embedded on 2 Ray nodes" in errors  # each batch names the node Ray ran it on
+    query = engine.encode_texts(["a red circle"])[0].numpy()
+    matches = best_matches(on_ray.embeddings, on_ray.paths, query, PER_COLOUR)
+    assert all(match.path.startswith("red/") for match in matches), matches
+
+
+def test_a_node_killed_mid_run_costs_no_photo_and_duplicates_none(two_nodes, photos, trained_model_dir,
+                                                                  tmp_path):
+    nodes, doomed = two_nodes
+    output = tmp_path / "ray.clipindex"
+    process = index_command(trained_model_dir, nodes.address, photos, output)
+    journal = journal_path(output)
+    deadline = time.monotonic() + 240
+    while not (journal.exists() and journal.read_text().count("\n") >= 4) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    assert not output.exists(), "the run ended before a node could be killed"
+    nodes.remove_node(doomed, allow_graceful=False)
+    errors = finished(process)
+    assert process.returncode == 0 and "indexed 40, skipped 1" in errors, errors
+    index = read_index(output)
+    expected = sorted(str(path.relative_to(photos)) for path in photos.glob("*/*.png"))
+    assert list(index.paths) == expected  # each photo once
+
+
+def test_resume_finishes_an_interrupted_cluster_run(two_nodes, photos, trained_model_dir, tmp_path):
+    nodes, _ = two_nodes
+    output = tmp_path / "ray.clipindex"
+    process = index_command(trained_model_dir, nodes.address, photos, output)
+    journal = journal_path(output)
+    deadline = time.monotonic() + 240
+    while not (journal.exists() and journal.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    errors = finished(process)
+    assert process.returncode == cli.EXIT_INTERRUPTED and "--resume" in errors, errors
+    assert not output.exists()
+    errors = finished(index_command(trained_model_dir, nodes.address, photos, output, "--resume"))
+    assert "skipped 1, already done" in errors and "already done 0" not in errors, errors
+    assert len(read_index(output).paths) == len(COLOURS) * PER_COLOUR
+
+
+def test_ray_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(cluster_module.LibraryError, match="pip install -r requirements-cluster.txt"):
+        cluster_module.import_ray()
