@@ -122,6 +122,7 @@ def add_tag_command(commands) -> None:
                              "only the local EMOJI_DICTIONARY is used")
     add_folder_walk_options(parser, resume="keep the output's records and tag only the files it lacks",
                             overwrite="empty an existing output first")
+    add_ray_option(parser)
     parser.set_defaults(handler=run_tag)
 
 
@@ -205,7 +206,8 @@ def tag_options(args: argparse.Namespace, settings: Settings) -> tagger.TagOptio
         threshold=settings.confidence_threshold if args.threshold is None else args.threshold,
         limit=settings.max_predictions if args.limit is None else args.limit,
         all_files=args.all_files, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size or 0)
+        progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size or 0, ray=args.ray,
+        ray_engines=args.ray_engines, emoji_api=args.emoji_api)
 
 
 def _say(message: str) -> None:

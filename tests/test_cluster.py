@@ -4,6 +4,7 @@ duplicates none, and --resume finishes an interrupted cluster run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,12 +65,18 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def index_command(model: Path, address: str, folder: Path, output: Path, *flags: str) -> subprocess.Popen:
-    env = clean_environment({"CLIP_MODEL": f"local-dir:{model}", "CLIP_BACKEND": "torch",
-                             "CLIP_CACHE_DIR": str(output.parent / "cache"), "PYTHONPATH": str(ROOT)})
-    return subprocess.Popen([sys.executable, "-m", "clip_service", "index", str(folder), "-o", str(output),
+def command_env(model: Path, output: Path, **more: str) -> dict[str, str]:
+    return clean_environment({"CLIP_MODEL": f"local-dir:{model}", "CLIP_BACKEND": "torch",
+                              "CLIP_CACHE_DIR": str(output.parent / "cache"), "PYTHONPATH": str(ROOT),
+                              **more})
+
+
+def index_command(model: Path, address: str, folder: Path, output: Path, *flags: str,
+                  command: str = "index", env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clip_service", command, str(folder), "-o", str(output),
                              "--ray", address, "--ray-engines", "2", "--batch-size", "2", *flags],
-                            env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                            env=env or command_env(model, output), cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finished(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -133,6 +140,28 @@ def test_resume_finishes_an_interrupted_cluster_run(two_nodes, photos, trained_m
     errors = finished(index_command(trained_model_dir, nodes.address, photos, output, "--resume"))
     assert "skipped 1, already done" in errors and "already done 0" not in errors, errors
     assert len(read_index(output).paths) == len(COLOURS) * PER_COLOUR
+
+
+def test_tag_on_two_nodes_writes_the_single_machine_records(two_nodes, photos, trained_model_dir, tmp_path,
+                                                              labels_dir):
+    nodes, _ = two_nodes
+    env = command_env(trained_model_dir, tmp_path / "x", CLIP_LABELS_DIR=str(labels_dir))
+    errors = finished(index_command(trained_model_dir, nodes.address, photos, tmp_path / "ray.jsonl",
+                                    command="tag", env=env))
+    assert "tagged 40, skipped 1" in errors and "Skipped broken.png" in errors, errors
+    alone = subprocess.run([sys.executable, "-m", "clip_service", "tag", str(photos), "-o",
+                            str(tmp_path / "one.jsonl")], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert "tagged 40, skipped 1" in alone.stderr, alone.stderr
+
+    def records(name: str) -> dict[str, dict]:
+        lines = (tmp_path / name).read_text().splitlines()
+        return {record["path"]: record for record in map(json.loads, lines)}
+
+    on_ray, single = records("ray.jsonl"), records("one.jsonl")
+    assert len(on_ray) == 40 and on_ray.keys() == single.keys()
+    for path, record in on_ray.items():
+        assert record["labels"] == single[path]["labels"]
+        np.testing.assert_allclose(record["confidences"], single[path]["confidences"], atol=1e-4)
 
 
 def test_ray_missing_says_how_to_install(monkeypatch):
