@@ -14,6 +14,9 @@ It writes an index of N clustered synthetic unit vectors (clustered_vectors; pat
    text (so its embedding is computed), p50/p99 of the round trip and of the answer's processing_time.
    The server runs a model with tiny towers but ViT-B/32's 512-dimensional embeddings (random weights:
    speed does not depend on them), so the index is shaped as a real ViT-B/32 one;
+   `--faiss` adds faiss's HNSW at the same settings (f16 vectors, M=16, efConstruction and efSearch as
+   ours) for the same figures, the measurement usearch was picked by (`pip install faiss-cpu`, not a
+   requirement);
 3. memory per image: the vectors (memory-mapped, shared by all workers through the page cache) and the
    paths and their lookup table (in each worker), measured with tracemalloc.
 """
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dimensions", type=int, default=512, help="embedding size (default 512, ViT-B/32)")
     parser.add_argument("--queries", type=int, default=200, help="queries per measurement (default 200)")
     parser.add_argument("--no-server", action="store_true", help="only the in-process measurement")
+    parser.add_argument("--faiss", action="store_true",
+                        help="also measure faiss's HNSW at the same settings (needs faiss-cpu installed)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "search-results.json")
     args = parser.parse_args(argv)
     args.extra_env, args.max_other_cpu = {}, None
@@ -137,6 +142,36 @@ def timed_searches(index, queries: np.ndarray, approximate) -> tuple[dict, list[
     return percentiles(times), found
 
 
+def faiss_hnsw(vectors: np.ndarray, queries: int) -> dict:
+    """faiss's IndexHNSWSQ (f16 vectors, inner product on unit vectors = cosine) at our HNSW settings."""
+    import faiss
+
+    from clip_service.library.approximate import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH
+
+    dimensions = vectors.shape[1]
+    index = faiss.IndexHNSWSQ(dimensions, faiss.ScalarQuantizer.QT_fp16, CONNECTIVITY,
+                              faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = EXPANSION_ADD
+    started = time.perf_counter()
+    index.train(vectors)
+    index.add(vectors)
+    built = time.perf_counter() - started
+    index.hnsw.efSearch = EXPANSION_SEARCH
+    size = len(faiss.serialize_index(index))
+    result = {"build_s": round(built, 1), "bytes_per_image": round(size / len(vectors))}
+    faiss.omp_set_num_threads(1)  # one query on one thread, as ours is measured
+    for name, asked in (("near", queries_near(vectors, queries)), ("far", queries_far(dimensions, queries))):
+        truth = [list(np.argpartition(-(vectors @ query), 9)[:10]) for query in asked]
+        times, found = [], []
+        for query in asked:
+            started = time.perf_counter()
+            _, rows = index.search(query[None], 10)
+            times.append((time.perf_counter() - started) * 1000)
+            found.append(list(rows[0]))
+        result[name] = {**percentiles(times), "recall_at_10": round(recall_at_10(truth, found), 4)}
+    return result
+
+
 def in_process(file: Path, vectors: np.ndarray, queries: int) -> dict:
     tracemalloc.start()
     index = read_index(file)
@@ -198,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         built = make_index(index, work / "images", clip_model, vectors)
         result = {"images": args.images, "dimensions": args.dimensions, "queries": args.queries,
                   "build": built, "in_process": in_process(index, vectors, args.queries), "code": git_state()}
+        if args.faiss:
+            result["faiss"] = faiss_hnsw(vectors, args.queries)
         if not args.no_server:
             result["http"] = over_http(args, clip_model, index, work)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -215,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {local[kind]['p99_ms']} ms (target < {TARGET_MS:g} ms)")
     print(f"recall@10 of approximate against exact: {local['recall_at_10']} for queries near the data, "
           f"{local['far_recall_at_10']} for queries far from it")
+    if "faiss" in result:
+        theirs = result["faiss"]
+        print(f"faiss HNSW (same settings): build {theirs['build_s']} s, {theirs['bytes_per_image']} B per "
+              f"image (read into each process's memory); near queries p50 {theirs['near']['p50_ms']} ms, p99 "
+              f"{theirs['near']['p99_ms']} ms, recall@10 {theirs['near']['recall_at_10']}; far queries p50 "
+              f"{theirs['far']['p50_ms']} ms, p99 {theirs['far']['p99_ms']} ms, recall@10 "
+              f"{theirs['far']['recall_at_10']}")
     if "http" in result:
         trip, inside = result["http"]["round_trip"], result["http"]["processing_time"]
         print(f"GET /search?q=...&k=10 on CLIP.sh: round trip p50 {trip['p50_ms']} ms, p99 {trip['p99_ms']} "
