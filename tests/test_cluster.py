@@ -176,3 +176,13 @@ def test_ray_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(cluster_module.LibraryError, match="pip install -r requirements-cluster.txt"):
         cluster_module.import_ray()
+
+
+def test_the_server_and_the_commands_never_import_ray():
+    """Ray is for --ray only: the server's modules and the command-line tools load without it."""
+    code = ("import sys, clip_service.http.app, clip_service.cli, clip_service.library.cluster; "
+            "print(sorted(name for name in sys.modules if name == 'ray' or name.startswith('ray.')))")
+    env = clean_environment({"PYTHONPATH": str(ROOT)})
+    shown = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.stdout.strip() == "[]", shown.stdout + shown.stderr
