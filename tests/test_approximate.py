@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pytest
@@ -60,14 +59,9 @@ def test_recall_at_10_on_100000_synthetic_vectors_is_at_least_0_95(tmp_path):
     queries = queries_near(vectors, 200)
     assert recall_of(index, queries) >= 0.95
     assert recall_of(index, queries_far(64, 200)) >= 0.85  # near-ties far from all photos: measured 0.91
-    started = time.perf_counter()
-    for query in queries:
-        best_matches(index.embeddings, index.paths, query, 10, index.approximate)
-    approximate_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    for query in queries:
-        best_matches(index.embeddings, index.paths, query, 10)
-    assert approximate_seconds < time.perf_counter() - started  # it looked at fewer than all rows
+    # only the graph's candidates are scored exactly, not all 100,000 rows
+    counts = {len(index.approximate.candidates(query, 10)) for query in queries[:5]}
+    assert counts == {approximate.MIN_CANDIDATES}
 
 
 def test_an_index_without_one_or_with_fewer_rows_than_k_still_answers(tmp_path):
