@@ -1,14 +1,22 @@
 """Search benchmark: how fast the photo index answers, and what it costs per image.
 
-    .venv/bin/python -m bench.search [--images 100000] [--dimensions 512] [--queries 200] [--no-server]
+    .venv/bin/python -m bench.search [--vectors 100000] [--dimensions 512] [--queries 200] [--no-server]
 
-It writes an index of N random unit vectors (paths like `2024/08/IMG_012345.jpg`) with the service's own
-writer, then measures:
-1. in process: `tasks.search.best_matches` (k=10) over the memory-mapped index, as the server runs it;
+It writes an index of N clustered synthetic unit vectors (clustered_vectors; paths like
+`2024/08/IMG_012345.jpg`) with the service's own writer, with its approximate (HNSW) index, then measures:
+1. in process: `tasks.search.best_matches` (k=10) over the memory-mapped index, as the server runs it,
+   exact and approximate: build time of the approximate index, its bytes per image, the process's peak
+   memory while building, p50/p99 latency (one thread), and recall@10 of the approximate search against
+   the exact one for queries near the data (a photo's vector with noise, as "more like this" asks) and
+   for queries far from all of it (random directions: a text's embedding is far from every photo's,
+   CLIP's gap between the two, and near-ties make the top-10 hardest to find);
 2. over HTTP: `GET /search?q=...&k=10` on CLIP.sh with SEARCH_INDEX set, one client, each query a new
    text (so its embedding is computed), p50/p99 of the round trip and of the answer's processing_time.
    The server runs a model with tiny towers but ViT-B/32's 512-dimensional embeddings (random weights:
    speed does not depend on them), so the index is shaped as a real ViT-B/32 one;
+   `--faiss` adds faiss's HNSW at the same settings (f16 vectors, M=16, efConstruction and efSearch as
+   ours) for the same figures, the measurement usearch was picked by (`pip install faiss-cpu`, not a
+   requirement);
 3. memory per image: the vectors (memory-mapped, shared by all workers through the page cache) and the
    paths and their lookup table (in each worker), measured with tracemalloc.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -38,10 +47,13 @@ WORDS = ("dog", "cat", "beach", "mountain", "red", "car", "birthday", "snow", "c
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=100_000, help="vectors in the index (default 100000)")
+    parser.add_argument("--vectors", "--images", dest="images", type=int, default=100_000,
+                        help="vectors in the index (default 100000)")
     parser.add_argument("--dimensions", type=int, default=512, help="embedding size (default 512, ViT-B/32)")
     parser.add_argument("--queries", type=int, default=200, help="queries per measurement (default 200)")
     parser.add_argument("--no-server", action="store_true", help="only the in-process measurement")
+    parser.add_argument("--faiss", action="store_true",
+                        help="also measure faiss's HNSW at the same settings (needs faiss-cpu installed)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "search-results.json")
     args = parser.parse_args(argv)
     args.extra_env, args.max_other_cpu = {}, None
@@ -61,31 +73,125 @@ def make_model(folder: Path, dimensions: int) -> str:
     return f"local-dir:{folder}"
 
 
-def make_index(file: Path, folder: Path, clip_model: str, images: int, dimensions: int) -> None:
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((images, dimensions), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    paths = [f"{2000 + n % 25}/{1 + n % 12:02d}/IMG_{n:06d}.jpg" for n in range(images)]
-    write_index(file, folder, clip_model, model_identity(parse_model_spec(clip_model)), paths, vectors)
+def clustered_vectors(count: int, dimensions: int, seed: int = 0, latent: int = 64,
+                      clusters: int = 1000) -> np.ndarray:
+    """(count, dimensions) unit vectors shaped a little like photo embeddings: a mixture of `clusters`
+    groups in a `latent`-dimensional subspace (photos of a library vary along far fewer directions than
+    512) plus a little noise in every dimension. Uniform random vectors would be the worst case for any
+    nearest-neighbour index (every point nearly equidistant), a case no photo library is."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((latent, dimensions), dtype=np.float32)
+    centres = rng.standard_normal((clusters, latent), dtype=np.float32)
+    vectors = np.empty((count, dimensions), dtype=np.float32)
+    for first in range(0, count, 50_000):  # a block at a time: 1,000,000 x 512 needs no second copy
+        rows = min(50_000, count - first)
+        points = centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, latent),
+                                                                                      dtype=np.float32)
+        block = points @ basis + 0.16 * rng.standard_normal((rows, dimensions), dtype=np.float32)
+        vectors[first:first + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return vectors
 
 
-def in_process(file: Path, queries: int) -> dict:
+def queries_near(vectors: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    """Queries like "more photos like this one": stored vectors with noise, unit length."""
+    rng = np.random.default_rng(seed)
+    queries = vectors[rng.integers(0, len(vectors), count)] + 0.05 * rng.standard_normal(
+        (count, vectors.shape[1]), dtype=np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def queries_far(dimensions: int, count: int, seed: int = 2) -> np.ndarray:
+    """Random unit directions: far from every stored vector."""
+    queries = np.random.default_rng(seed).standard_normal((count, dimensions), dtype=np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def recall_at_10(exact: list[list[str]], approximate: list[list[str]]) -> float:
+    """The share of the exact top-10 that the approximate search also returned."""
+    found = sum(len(set(a) & set(b)) for a, b in zip(exact, approximate, strict=True))
+    return found / sum(len(a) for a in exact)
+
+
+def make_index(file: Path, folder: Path, clip_model: str, vectors: np.ndarray) -> dict:
+    """Write the index without and then with its approximate index: the build's time (the difference)
+    and the process's peak memory before and after it."""
+    paths = [f"{2000 + n % 25}/{1 + n % 12:02d}/IMG_{n:06d}.jpg" for n in range(len(vectors))]
+    identity = model_identity(parse_model_spec(clip_model))
+    started = time.perf_counter()
+    write_index(file, folder, clip_model, identity, paths, vectors, approximate=False)
+    exact_seconds = time.perf_counter() - started
+    exact_bytes = file.stat().st_size
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    write_index(file, folder, clip_model, identity, paths, vectors, approximate=True)
+    built = time.perf_counter() - started - exact_seconds
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"build_s": round(built, 1), "exact_write_s": round(exact_seconds, 1),
+            "hnsw_bytes_per_image": round((file.stat().st_size - exact_bytes) / len(vectors)),
+            "build_peak_rss_mb": round(peak / 1024), "peak_rss_before_build_mb": round(peak_before / 1024),
+            "exact_file_bytes": exact_bytes}
+
+
+def timed_searches(index, queries: np.ndarray, approximate) -> tuple[dict, list[list[str]]]:
+    times, found = [], []
+    for query in queries:
+        started = time.perf_counter()
+        matches = best_matches(index.embeddings, index.paths, query, 10, approximate)
+        times.append((time.perf_counter() - started) * 1000)
+        found.append([match.path for match in matches])
+    return percentiles(times), found
+
+
+def faiss_hnsw(vectors: np.ndarray, queries: int) -> dict:
+    """faiss's IndexHNSWSQ (f16 vectors, inner product on unit vectors = cosine) at our HNSW settings."""
+    import faiss
+
+    from clip_service.library.approximate import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH
+
+    dimensions = vectors.shape[1]
+    index = faiss.IndexHNSWSQ(dimensions, faiss.ScalarQuantizer.QT_fp16, CONNECTIVITY,
+                              faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = EXPANSION_ADD
+    started = time.perf_counter()
+    index.train(vectors)
+    index.add(vectors)
+    built = time.perf_counter() - started
+    index.hnsw.efSearch = EXPANSION_SEARCH
+    size = len(faiss.serialize_index(index))
+    result = {"build_s": round(built, 1), "bytes_per_image": round(size / len(vectors))}
+    faiss.omp_set_num_threads(1)  # one query on one thread, as ours is measured
+    for name, asked in (("near", queries_near(vectors, queries)), ("far", queries_far(dimensions, queries))):
+        truth = [list(np.argpartition(-(vectors @ query), 9)[:10]) for query in asked]
+        times, found = [], []
+        for query in asked:
+            started = time.perf_counter()
+            _, rows = index.search(query[None], 10)
+            times.append((time.perf_counter() - started) * 1000)
+            found.append(list(rows[0]))
+        result[name] = {**percentiles(times), "recall_at_10": round(recall_at_10(truth, found), 4)}
+    return result
+
+
+def in_process(file: Path, vectors: np.ndarray, queries: int) -> dict:
     tracemalloc.start()
     index = read_index(file)
     _ = index.row_of
     per_worker = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    rng = np.random.default_rng(1)
     float(index.embeddings.sum())  # pages in, as the server does at load
-    times = []
-    for _ in range(queries):
-        query = rng.standard_normal(index.dimensions).astype(np.float32)
-        query /= np.linalg.norm(query)
-        started = time.perf_counter()
-        best_matches(index.embeddings, index.paths, query, 10)
-        times.append((time.perf_counter() - started) * 1000)
+    asked = queries_near(vectors, queries)
+    timed_searches(index, asked[:10], index.approximate)  # warm the graph's pages
+    exact, exact_found = timed_searches(index, asked, None)
+    approximate, approximate_found = timed_searches(index, asked, index.approximate)
+    far = queries_far(index.dimensions, queries)
+    far_exact, far_exact_found = timed_searches(index, far, None)
+    far_approximate, far_approximate_found = timed_searches(index, far, index.approximate)
     count = len(index.paths)
-    return {**percentiles(times), "vector_bytes_per_image": index.dimensions * 4,
+    return {"exact": exact, "approximate": approximate, "far_exact": far_exact,
+            "far_approximate": far_approximate,
+            "recall_at_10": round(recall_at_10(exact_found, approximate_found), 4),
+            "far_recall_at_10": round(recall_at_10(far_exact_found, far_approximate_found), 4),
+            "vector_bytes_per_image": index.dimensions * 4,
             "worker_bytes_per_image": round(per_worker / count), "file_bytes": file.stat().st_size}
 
 
@@ -123,18 +229,36 @@ def main(argv: list[str] | None = None) -> int:
         clip_model = make_model(work / "model", args.dimensions)
         index = work / "photos.clipindex"
         log(f"writing an index of {args.images} x {args.dimensions}")
-        make_index(index, work / "images", clip_model, args.images, args.dimensions)
+        vectors = clustered_vectors(args.images, args.dimensions)
+        built = make_index(index, work / "images", clip_model, vectors)
         result = {"images": args.images, "dimensions": args.dimensions, "queries": args.queries,
-                  "in_process": in_process(index, args.queries), "code": git_state()}
+                  "build": built, "in_process": in_process(index, vectors, args.queries), "code": git_state()}
+        if args.faiss:
+            result["faiss"] = faiss_hnsw(vectors, args.queries)
         if not args.no_server:
             result["http"] = over_http(args, clip_model, index, work)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    local = result["in_process"]
-    print(f"index: {args.images} images x {args.dimensions} dimensions, {local['file_bytes'] / 1e6:.1f} MB")
-    print(f"memory per image: {local['vector_bytes_per_image']} B of vectors (memory-mapped, shared by the "
+    local, built = result["in_process"], result["build"]
+    print(f"index: {args.images} images x {args.dimensions} dimensions, {local['file_bytes'] / 1e6:.1f} MB "
+          f"({built['exact_file_bytes'] / 1e6:.1f} MB without the approximate index)")
+    print(f"memory per image: {local['vector_bytes_per_image']} B of vectors + "
+          f"{built['hnsw_bytes_per_image']} B of approximate index (both memory-mapped, shared by the "
           f"workers) + {local['worker_bytes_per_image']} B of paths and lookup in each worker")
-    print(f"best_matches, k=10: p50 {local['p50_ms']} ms, p99 {local['p99_ms']} ms "
-          f"(target < {TARGET_MS:g} ms)")
+    print(f"build: exact {built['exact_write_s']} s (writing the vectors), approximate "
+          f"+{built['build_s']} s; peak RSS {built['build_peak_rss_mb']} MB (before the build: "
+          f"{built['peak_rss_before_build_mb']} MB)")
+    for kind in ("exact", "approximate", "far_exact", "far_approximate"):
+        print(f"best_matches {kind.replace('_', ' queries ')}, k=10: p50 {local[kind]['p50_ms']} ms, "
+              f"p99 {local[kind]['p99_ms']} ms (target < {TARGET_MS:g} ms)")
+    print(f"recall@10 of approximate against exact: {local['recall_at_10']} for queries near the data, "
+          f"{local['far_recall_at_10']} for queries far from it")
+    if "faiss" in result:
+        theirs = result["faiss"]
+        print(f"faiss HNSW (same settings): build {theirs['build_s']} s, {theirs['bytes_per_image']} B per "
+              f"image (read into each process's memory); near queries p50 {theirs['near']['p50_ms']} ms, p99 "
+              f"{theirs['near']['p99_ms']} ms, recall@10 {theirs['near']['recall_at_10']}; far queries p50 "
+              f"{theirs['far']['p50_ms']} ms, p99 {theirs['far']['p99_ms']} ms, recall@10 "
+              f"{theirs['far']['recall_at_10']}")
     if "http" in result:
         trip, inside = result["http"]["round_trip"], result["http"]["processing_time"]
         print(f"GET /search?q=...&k=10 on CLIP.sh: round trip p50 {trip['p50_ms']} ms, p99 {trip['p99_ms']} "

@@ -20,6 +20,7 @@ from clip_service.engines.registry import engine_for_settings
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
 from clip_service.library import indexer, tagger
+from clip_service.library.approximate import APPROXIMATE_FROM
 from clip_service.library.batches import Summary
 from clip_service.library.errors import LibraryError
 from clip_service.library.photo_index import PhotoIndexError, read_model_index
@@ -123,6 +124,7 @@ def add_tag_command(commands) -> None:
                              "only the local EMOJI_DICTIONARY is used")
     add_folder_walk_options(parser, resume="keep the output's records and tag only the files it lacks",
                             overwrite="empty an existing output first")
+    add_ray_option(parser)
     parser.set_defaults(handler=run_tag)
 
 
@@ -140,6 +142,16 @@ def add_folder_walk_options(parser: argparse.ArgumentParser, resume: str, overwr
                              "bar is also off when stderr is not a terminal")
 
 
+def add_ray_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="run the model on a Ray cluster: auto (the cluster this machine joined with ray "
+                             "start), ray://HOST:PORT, HOST:PORT, or local (start one here); every node "
+                             "must see FOLDER at the same path (pip install -r requirements-cluster.txt)")
+    parser.add_argument("--ray-engines", type=limit_arg, metavar="N", default=0,
+                        help="with --ray: how many engines (actors) to run, spread over the nodes "
+                             "(default: one per 4 CPUs of each node)")
+
+
 def add_index_command(commands) -> None:
     parser = commands.add_parser(
         "index", help="embed every image in a folder tree into a photo index for search",
@@ -151,7 +163,14 @@ def add_index_command(commands) -> None:
     add_folder_walk_options(
         parser, resume="keep what INDEX (or an interrupted run) holds and embed only what it lacks",
         overwrite="index FOLDER again from scratch")
-    parser.set_defaults(handler=run_index)
+    add_ray_option(parser)
+    search_kind = parser.add_mutually_exclusive_group()
+    search_kind.add_argument("--approximate", action="store_true", default=None,
+                             help="also build an approximate (HNSW) index for fast search, about 1.2 KB "
+                                  f"per image (default: from {APPROXIMATE_FROM:,} images on)")
+    search_kind.add_argument("--exact", action="store_false", dest="approximate",
+                             help="no approximate index: every search compares every image")
+    parser.set_defaults(handler=run_index, approximate=None)
 
 
 def results_arg(raw: str) -> int:
@@ -178,6 +197,9 @@ def add_search_command(commands) -> None:
                         help="end each SCORE<tab>PATH with a NUL byte instead of a newline, the name "
                              "exactly as it is (for xargs -0); without it, control characters in names "
                              r"are shown as \xNN, so a name cannot start a line of its own")
+    parser.add_argument("--exact", action="store_true",
+                        help="compare every image even when the index has an approximate index (slower; "
+                             "to check what it finds)")
     parser.set_defaults(handler=run_search)
 
 
@@ -190,7 +212,8 @@ def tag_options(args: argparse.Namespace, settings: Settings) -> tagger.TagOptio
         threshold=settings.confidence_threshold if args.threshold is None else args.threshold,
         limit=settings.max_predictions if args.limit is None else args.limit,
         all_files=args.all_files, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size or 0)
+        progress=not args.quiet and sys.stderr.isatty(), batch_size=args.batch_size or 0, ray=args.ray,
+        ray_engines=args.ray_engines, emoji_api=args.emoji_api)
 
 
 def _say(message: str) -> None:
@@ -249,7 +272,8 @@ def run_index(args: argparse.Namespace) -> int:
         options = indexer.IndexOptions(
             folder=args.folder, output=args.output, all_files=args.all_files, resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
-            batch_size=args.batch_size or 0)
+            batch_size=args.batch_size or 0, approximate=args.approximate, ray=args.ray,
+            ray_engines=args.ray_engines)
         return indexer.run(options, settings, lambda: engine_for_settings(settings))
 
     return _run_library(args.quiet, run)
@@ -286,13 +310,14 @@ def run_search(args: argparse.Namespace) -> int:
     except (PhotoIndexError, SettingsError, ModelLoadError) as error:
         _say(str(error))
         return 2
+    approximate = None if args.exact else index.approximate
     if args.json:  # JSON carries only UTF-8: names that are not are shown with their bytes as \xNN
-        matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k)
+        matches = best_matches(index.embeddings, index.shown_paths, query.numpy(), args.k, approximate)
         print(json.dumps({"folder": str(index.folder),
                           "matches": [{"path": match.path, "score": match.score} for match in matches]},
                          ensure_ascii=False))
     else:  # a line per file, for `cut -f2 | xargs ...`; with -0 its real name, byte for byte
-        matches = best_matches(index.embeddings, index.paths, query.numpy(), args.k)
+        matches = best_matches(index.embeddings, index.paths, query.numpy(), args.k, approximate)
         if args.null:
             records = [f"{match.score:.4f}\t{index.folder / match.path}\0" for match in matches]
         else:

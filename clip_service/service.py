@@ -136,7 +136,7 @@ class ClipService:
     def search(self, index: PhotoIndex, query: torch.Tensor, k: int) -> list[Match]:
         """The k images of `index` (from photo_index) nearest the (D,) unit `query`, best first."""
         with metrics.timed("search"):
-            return best_matches(index.embeddings, index.shown_paths, query.numpy(), k)
+            return best_matches(index.embeddings, index.shown_paths, query.numpy(), k, index.approximate)
 
     def thumbnail(self, path: str, deadline: float | None = None) -> bytes:
         """A small JPEG of an indexed image; only paths the index holds, read beneath its folder."""

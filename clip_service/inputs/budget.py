@@ -32,6 +32,11 @@ class DecodeBudget:
         self._rate = float(FIRST_BYTES_PER_SECOND)  # bytes of estimate decoded per second, as timed
         self._changed = threading.Condition()
 
+    def __reduce__(self):
+        """Sent to another process (a Ray actor of `index --ray`), a budget is one of the same size of
+        that process's own: what it bounds is the memory of the decodes running there."""
+        return DecodeBudget, (self.total,)
+
     @property
     def used(self) -> int:
         return self._used

@@ -5,7 +5,8 @@ with the server's engine, reading and decoding each file exactly as the server's
 writes INDEX (library/photo_index.py). While it runs, each batch's embeddings are appended to a journal
 beside INDEX (`INDEX.partial`, JSON lines, flushed per batch): an interrupted run loses at most the batch
 in progress, and `--resume` continues from the journal. `--resume` on a finished index embeds only the
-images it lacks and drops those no longer in FOLDER. The journal becomes INDEX at the end.
+images it lacks and drops those no longer in FOLDER. The journal becomes INDEX at the end, with an
+approximate (HNSW) index of its vectors when asked or when it holds APPROXIMATE_FROM images or more.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 
 from clip_service.engines.base import Engine
-from clip_service.engines.registry import default_batch_size
+from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
+from clip_service.library.approximate import APPROXIMATE_FROM
 from clip_service.library.batches import BatchWork, Summary, process_files
+from clip_service.library.cluster import RAY_BATCH_SIZE, Loaded, process_on_ray
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, open_output
 from clip_service.library.photo_index import PhotoIndex, PhotoIndexError, read_model_index, write_index
@@ -49,6 +52,9 @@ class IndexOptions:
     overwrite: bool = False
     progress: bool = False
     batch_size: int = 0  # images per forward pass; 0: the server's default for the device
+    approximate: bool | None = None  # build the HNSW index too; None: from APPROXIMATE_FROM images on
+    ray: str | None = None  # embed on the Ray cluster at this address (library/cluster.py)
+    ray_engines: int = 0  # actors, each with an engine; 0: one per CPUS_PER_ENGINE CPUs of each node
 
 
 def journal_path(output: Path) -> Path:
@@ -93,12 +99,8 @@ def _journal_records(journal: Path, tag: str) -> dict[str, np.ndarray]:
     return found
 
 
-def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limits: ImageLimits,
-                journal, tag: str, summary: Summary) -> None:
-    """Embed the pending files a batch at a time, appending each batch to the journal when done."""
-    def batch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(engine.encode_images(torch.stack(inputs)))
-
+def journal_writer(journal, tag: str) -> Callable[[list[tuple[Path, torch.Tensor]]], None]:
+    """Appends a batch's (path, embedding) pairs to the journal and flushes it."""
     def write(done: list[tuple[Path, torch.Tensor]]) -> None:
         vectors = base64_rows(torch.stack([vector for _, vector in done]))
         for (relative, _), vector in zip(done, vectors, strict=True):
@@ -106,10 +108,42 @@ def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limi
                                      ensure_ascii=False) + "\n")
         journal.flush()
 
-    work = BatchWork(engine.prepare, batch, lambda model_input: batch([model_input])[0])
-    process_files(options.folder, pending, work, limits, engine.input_size,
-                  options.batch_size or default_batch_size(engine), write, summary, options.progress,
-                  beneath_folder=True)
+    return write
+
+
+def embedding_work(engine: Engine) -> BatchWork:
+    def batch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(engine.encode_images(torch.stack(inputs)))
+
+    return BatchWork(engine.prepare, batch, lambda model_input: batch([model_input])[0])
+
+
+def embed_files(engine: Engine, options: IndexOptions, pending: list[Path], limits: ImageLimits,
+                journal, tag: str, summary: Summary) -> None:
+    """Embed the pending files a batch at a time, appending each batch to the journal when done."""
+    process_files(options.folder, pending, embedding_work(engine), limits, engine.input_size,
+                  options.batch_size or default_batch_size(engine), journal_writer(journal, tag), summary,
+                  options.progress, beneath_folder=True)
+
+
+def load_on_node(settings: Settings) -> Callable[[int], Loaded]:
+    """What each Ray actor runs once: the engine for `settings` on `threads` CPU threads."""
+    def load(threads: int) -> Loaded:
+        torch.set_num_threads(threads)
+        engine = engine_for_settings(settings)
+        return Loaded(embedding_work(engine), engine.input_size)
+
+    return load
+
+
+def embed_on_ray(options: IndexOptions, settings: Settings, pending: list[Path], limits: ImageLimits,
+                 journal, tag: str, summary: Summary) -> None:
+    """embed_files on the Ray cluster at options.ray: the same journal, written here as batches arrive."""
+    write = journal_writer(journal, tag)
+    nodes = process_on_ray(options.ray, options.folder, pending, load_on_node(settings), limits,
+                           options.batch_size or RAY_BATCH_SIZE, write, summary, beneath_folder=True,
+                           engines=options.ray_engines)
+    log.info("Embedded on %d Ray nodes", len(nodes))
 
 
 def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], Engine]) -> Summary:
@@ -133,11 +167,14 @@ def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], E
         summary.done = len(candidates) - len(pending)
         log.info("%d of %d files to index into %s", len(pending), len(candidates), options.output)
         if pending:
-            engine = engine_loader()
+            engine = None if options.ray else engine_loader()
             limits = ImageLimits.of(settings)
             started = time.perf_counter()
             try:
-                embed_files(engine, options, pending, limits, journal_file, tag, summary)
+                if engine is None:
+                    embed_on_ray(options, settings, pending, limits, journal_file, tag, summary)
+                else:
+                    embed_files(engine, options, pending, limits, journal_file, tag, summary)
             except KeyboardInterrupt:
                 summary.interrupted = True
             summary.seconds = time.perf_counter() - started
@@ -155,7 +192,10 @@ def run(options: IndexOptions, settings: Settings, engine_loader: Callable[[], E
             log.info("Dropped %d images no longer under %s", gone, folder)
         paths = sorted(path for path in rows if path in present)
         if paths:
+            approximate = options.approximate
+            if approximate is None:
+                approximate = len(paths) >= APPROXIMATE_FROM
             write_index(options.output, folder, settings.clip_model, identity, paths,
-                        np.stack([rows[path] for path in paths]))
+                        np.stack([rows[path] for path in paths]), approximate)
     journal.unlink()  # in INDEX now, or there was nothing to index
     return summary

@@ -5,7 +5,9 @@ image), and `paths`, the N paths relative to the folder as file-system bytes joi
 name survives, and no JSON header grows with the library). The metadata names the format, the model
 (CLIP_MODEL and the weights' identity) and the folder. Readers map the embeddings into memory
 read-only, so the server's workers share one copy through the page cache: 4 x D bytes per image
-(2 KiB for ViT-B/32's 512 dimensions) plus its path.
+(2 KiB for ViT-B/32's 512 dimensions) plus its path. A large index also holds `hnsw`, the approximate
+index of those vectors (library/approximate.py), mapped and shared the same way; readers that predate
+it ignore it and search exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from clip_service.atomic_files import write_atomically
+from clip_service.library.approximate import ApproximateIndex, ApproximateIndexError, build
 
 INDEX_FORMAT = "clip-service-photo-index-v1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -40,6 +43,7 @@ class PhotoIndex:
     model_identity: str  # engines.spec.model_identity of those weights
     paths: tuple[str, ...]
     embeddings: np.ndarray  # (N, D) float32, read-only
+    approximate: ApproximateIndex | None = None  # the HNSW index of `embeddings`, when the file has one
 
     @property
     def dimensions(self) -> int:
@@ -85,8 +89,9 @@ def shown_path(path: str) -> str:
 
 
 def write_index(file: Path, folder: Path, model: str, model_identity: str, paths: list[str],
-                embeddings: np.ndarray) -> None:
-    """Write atomically (a temporary file renamed over `file`): a reader never sees half an index."""
+                embeddings: np.ndarray, approximate: bool = False) -> None:
+    """Write atomically (a temporary file renamed over `file`): a reader never sees half an index.
+    `approximate`: build the HNSW index of the embeddings into the file too."""
     if len(paths) != len(embeddings) or embeddings.ndim != 2:
         raise ValueError(f"{len(paths)} paths for embeddings of shape {embeddings.shape}")
     joined = b"\0".join(os.fsencode(path) for path in paths)
@@ -94,6 +99,8 @@ def write_index(file: Path, folder: Path, model: str, model_identity: str, paths
                "paths": np.frombuffer(joined, dtype=np.uint8).copy()}
     metadata = {"format": INDEX_FORMAT, "model": model, "model_identity": model_identity,
                 "folder": str(folder), "count": str(len(paths))}
+    if approximate and len(paths):
+        tensors["hnsw"] = build(tensors["embeddings"])
     write_atomically(file, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
@@ -119,13 +126,19 @@ def read_index(file: Path) -> PhotoIndex:
             if len(paths) != len(embeddings):
                 raise PhotoIndexError(f"{file} is damaged: {len(paths)} paths for {len(embeddings)} "
                                       "embeddings")
+            approximate = None
+            if "hnsw" in header:
+                graph = _tensor(file, header, "hnsw", "U8", 1, start, size)
+                approximate = ApproximateIndex(graph, len(paths), embeddings.shape[1], file)
             return PhotoIndex(file.resolve(), Path(metadata["folder"]), str(metadata["model"]),
-                              str(metadata["model_identity"]), paths, embeddings)
+                              str(metadata["model_identity"]), paths, embeddings, approximate)
     except FileNotFoundError:
         raise PhotoIndexError(f"{file} does not exist; make it with python -m clip_service index FOLDER "
                               f"-o {file}") from None
     except OSError as error:
         raise PhotoIndexError(f"{file} cannot be read: {error.strerror}") from None
+    except ApproximateIndexError as error:
+        raise PhotoIndexError(f"{error}; make it again with python -m clip_service index") from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ArithmeticError, struct.error):
         raise PhotoIndexError(f"{file} is damaged or not a photo index; make it again with python -m "
                               "clip_service index") from None

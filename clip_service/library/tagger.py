@@ -25,6 +25,7 @@ from clip_service.engines.base import Engine
 from clip_service.engines.registry import default_batch_size, engine_for_settings
 from clip_service.inputs.images import ImageLimits
 from clip_service.library.batches import BatchWork, Summary, process_files
+from clip_service.library.cluster import RAY_BATCH_SIZE, Loaded, process_on_ray
 from clip_service.library.errors import LibraryError
 from clip_service.library.output import OutputSpec, csv_line, open_output
 from clip_service.library.walk import find_pending, record_key
@@ -51,6 +52,9 @@ class TagOptions:
     overwrite: bool = False
     progress: bool = False
     batch_size: int = 0  # images per forward pass; 0: the server's default for the device
+    ray: str | None = None  # tag on the Ray cluster at this address (library/cluster.py)
+    ray_engines: int = 0  # actors, each with an engine; 0: one per CPUS_PER_ENGINE CPUs of each node
+    emoji_api: bool = False  # with ray: each actor asks the emoji API once, as load_classifier does
 
 
 # --- records -----------------------------------------------------------------------------------------
@@ -114,19 +118,42 @@ def tag_files(options: TagOptions, pending: list[Path], classifier: Classifier, 
     A bad file is logged and counted. An interruption loses at most the batch in progress, which a
     resumed run tags again.
     """
+    process_files(options.folder, pending, classify_work(classifier, options), limits,
+                  classifier.engine.input_size, options.batch_size or default_batch_size(classifier.engine),
+                  record_writer(options, output), summary, options.progress)
+
+
+def classify_work(classifier: Classifier, options: TagOptions) -> BatchWork:
     def classify(inputs: list[torch.Tensor]) -> list[list[Prediction]]:
         return classifier.classify_prepared(inputs, options.threshold, options.limit)
 
-    work = BatchWork(classifier.engine.prepare, classify, lambda model_input: classify([model_input])[0])
+    return BatchWork(classifier.engine.prepare, classify, lambda model_input: classify([model_input])[0])
 
+
+def record_writer(options: TagOptions,
+                  output: IO[str]) -> Callable[[list[tuple[Path, list[Prediction]]]], None]:
+    """Writes a batch's records and flushes them."""
     def write(done: list[tuple[Path, list[Prediction]]]) -> None:
         for relative, predictions in done:
             output.write(format_record(make_record(record_key(relative), predictions), options.fmt))
         output.flush()
 
-    process_files(options.folder, pending, work, limits, classifier.engine.input_size,
-                  options.batch_size or default_batch_size(classifier.engine), write, summary,
-                  options.progress)
+    return write
+
+
+def tag_on_ray(options: TagOptions, settings: Settings, pending: list[Path], limits: ImageLimits,
+               output: IO[str], summary: Summary) -> None:
+    """tag_files on the Ray cluster at options.ray: each actor loads the classifier once; the records are
+    written here as batches arrive."""
+    def load(threads: int) -> Loaded:
+        torch.set_num_threads(threads)
+        classifier = load_classifier(settings, options.emoji_api)
+        return Loaded(classify_work(classifier, options), classifier.engine.input_size)
+
+    nodes = process_on_ray(options.ray, options.folder, pending, load, limits,
+                           options.batch_size or RAY_BATCH_SIZE, record_writer(options, output), summary,
+                           engines=options.ray_engines)
+    log.info("Tagged on %d Ray nodes", len(nodes))
 
 
 def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[], Classifier]) -> Summary:
@@ -147,11 +174,14 @@ def run(options: TagOptions, settings: Settings, classifier_loader: Callable[[],
                  options.output or "standard output")
         if not pending:
             return summary
-        classifier = classifier_loader()
+        classifier = None if options.ray else classifier_loader()
         limits = ImageLimits.of(settings)
         started = time.perf_counter()
         try:
-            tag_files(options, pending, classifier, limits, output, summary)
+            if classifier is None:
+                tag_on_ray(options, settings, pending, limits, output, summary)
+            else:
+                tag_files(options, pending, classifier, limits, output, summary)
         except KeyboardInterrupt:
             summary.interrupted = True
         summary.seconds = time.perf_counter() - started

@@ -1,0 +1,160 @@
+"""`tag` and `index` on a Ray cluster (`--ray ADDRESS`): the same run, its batches spread over machines.
+
+The driver (this process) does everything a single-machine run does (lock, walk, --resume, journal or
+output, summary); only the batches leave it. Ray Data splits the pending paths into batches and feeds
+them to a pool of actors, one per engine's worth of CPUs on the cluster's nodes, each holding one
+engine loaded once (as a server worker does): an actor reads, decodes and prepares its batch's files on
+its own threads with the single-machine code (library/batches.py), runs the model, and hands back each
+file's result or why it could not be read. The driver writes results as they stream in.
+
+A node lost mid-run costs no photo: Ray Data's actor pool restarts the actor elsewhere and runs the lost
+batches again (its defaults: max_restarts and max_task_retries -1; actors spread over the nodes).
+None is written twice either: a batch's results reach the driver once, and the output is keyed by path
+(the index keeps one vector per path). Ray is optional (requirements-cluster.txt) and never imported
+by the server. Every node must see FOLDER at the same path (shared storage) and have this package,
+its requirements and the model (CLIP_MODEL) installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clip_service.inputs.images import ImageLimits
+from clip_service.library.batches import BatchWork, Summary, in_batch_or_alone
+from clip_service.library.errors import LibraryError
+from clip_service.library.pipeline import DECODE_AHEAD, prefetch, read_image
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install -r requirements-cluster.txt"
+CPUS_PER_ENGINE = 4  # a core group per engine, as the server's workers take one; fewer on small nodes
+RAY_BATCH_SIZE = 16  # paths per actor call: one forward pass on a CPU engine, few enough to lose
+
+
+def import_ray():
+    """Ray, or a LibraryError that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise LibraryError(f"--ray needs Ray, which is not installed: {sys.executable} -m {INSTALL} (on "
+                           "every node of the cluster as well)") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What an actor runs: built once per actor from a `load()` the driver sends it."""
+
+    work: BatchWork
+    draft_size: tuple[int, int] | None
+
+
+class BatchActor:
+    """One engine, loaded once; each call takes a batch of paths and returns each one's outcome."""
+
+    def __init__(self, load: Callable[[int], Loaded], folder: str, limits: ImageLimits,
+                 beneath_folder: bool, threads: int):
+        self.loaded = load(threads)
+        self.folder = Path(folder)
+        self.beneath = self.folder.resolve() if beneath_folder else None
+        self.limits = limits
+
+    def read(self, relative: Path) -> tuple[Any, str | None]:
+        """The model's input, made on the decoding thread within the decode budget (as a single-machine
+        run does), or why not."""
+        return read_image(self.folder / relative, self.limits, self.loaded.draft_size, self.beneath,
+                          self.loaded.work.prepare)
+
+    def __call__(self, batch: dict) -> dict:
+        import ray
+
+        paths = [Path(os.fsdecode(bytes(raw))) for raw in batch["path"]]
+        prepared = list(prefetch(self.read, paths, ahead=DECODE_AHEAD + len(paths)))
+        readable = [model_input for _, (model_input, _) in prepared if model_input is not None]
+        outcomes = iter(in_batch_or_alone(self.loaded.work, readable))
+        results, problems = [], []
+        for _, (model_input, problem) in prepared:
+            outcome = next(outcomes) if model_input is not None else problem
+            failed = isinstance(outcome, str)
+            results.append(b"" if failed else pickle.dumps(outcome))
+            problems.append(outcome if failed else "")
+        node = ray.get_runtime_context().get_node_id()
+        return {"path": batch["path"], "result": results, "problem": problems, "node": [node] * len(paths)}
+
+
+def connect(ray, address: str) -> bool:
+    """Join the cluster at `address` (`local` starts one here); True if this call connected."""
+    if ray.is_initialized():
+        return False
+    ours = signal.getsignal(signal.SIGTERM)  # the command's: SIGTERM ends the run like Ctrl-C
+    try:
+        ray.init(address=None if address == "local" else address, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise LibraryError(f"--ray {address}: cannot join the cluster ({error}); start one with `ray start "
+                           "--head`, or give `local` to start one here") from None
+    finally:
+        signal.signal(signal.SIGTERM, ours)  # ray.init puts its own, which aborts the process
+    return True
+
+
+def engine_slots(ray, engines: int = 0) -> tuple[int, int]:
+    """(actors, CPUs for each): an engine per CPUS_PER_ENGINE CPUs of each node (fewer CPUs each on
+    smaller nodes), or `engines` of them spread over the nodes."""
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    cpus = max(1, min(CPUS_PER_ENGINE, int(min(nodes, default=1))))
+    return engines or max(1, sum(int(count // cpus) for count in nodes)), cpus
+
+
+def quiet_ray_data(ray) -> None:
+    """No progress lines from Ray Data every few seconds: the summary line says what was done."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def process_on_ray(address: str, folder: Path, pending: list[Path], load: Callable[[int], Loaded],
+                   limits: ImageLimits, batch_size: int, finished: Callable[[list[tuple[Path, Any]]], None],
+                   summary: Summary, beneath_folder: bool = False, engines: int = 0) -> set[str]:
+    """process_files on a cluster: `finished` gets each batch's (path, result) pairs as they arrive, a
+    bad file is logged and counted in `summary`. Returns the ids of the nodes that did work."""
+    ray = import_ray()
+    connected = connect(ray, address)
+    try:
+        quiet_ray_data(ray)
+        actors, cpus = engine_slots(ray, engines)
+        log.info("Ray: %d engines of %d CPUs each for %d files", actors, cpus, len(pending))
+        dataset = ray.data.from_items([{"path": os.fsencode(path)} for path in pending])
+        outcomes = dataset.map_batches(
+            BatchActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_args=(load, str(folder), limits, beneath_folder, cpus))
+        nodes: set[str] = set()
+        for batch in outcomes.iter_batches(batch_size=None, batch_format="numpy"):
+            done = []
+            for raw, result, problem, node in zip(batch["path"], batch["result"], batch["problem"],
+                                                  batch["node"], strict=True):
+                relative = Path(os.fsdecode(bytes(raw)))
+                nodes.add(str(node))
+                if problem:
+                    log.warning("Skipped %s: %s", relative, problem)
+                    summary.skipped += 1
+                else:
+                    done.append((relative, pickle.loads(result)))
+            if done:
+                finished(done)
+                summary.processed += len(done)
+        return nodes
+    finally:
+        if connected:
+            ray.shutdown()
