@@ -189,8 +189,8 @@ def refused_beyond_loopback(network_fence, monkeypatch):
 @pytest.mark.parametrize("method, path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_schemathesis_finds_nothing(app, refused_beyond_loopback, method, path):
     statuses = run_schemathesis(app, method, path)
+    # a 500 fails inside run_schemathesis: CHECKS starts with not_a_server_error
     assert sum(statuses.values()) >= 10, statuses
-    assert 500 not in statuses  # not_a_server_error raised already; this is for the reader
 
 
 # --- every documented status, answered and checked the same way ---------------------------------------
