@@ -36,10 +36,12 @@ from tests.support.waiting import no_hang
 DEADLINE_MS = 5000  # per fuzz case
 HANG_SECONDS = 30  # a case still running after this is a hang: the watchdog fails it
 CRAFTED_SECONDS = 2.0  # asserted per crafted file (measured: under 0.4 s each; the README states both)
-# Asserted: anonymous resident memory after a fuzz strategy minus before (measured: under 1 MB), and
-# the peak for a 1 x 100,000 image (measured: under 1 MB; resizing it untrimmed would allocate
-# 100,000 x 64 x 3 bytes, 19 MB, at the tiny model's size).
+# Asserted: the peak for a 1 x 100,000 image (measured: under 1 MB; resizing it untrimmed would
+# allocate 100,000 x 64 x 3 bytes, 19 MB, at the tiny model's size).
 RSS_GROWTH_LIMIT_MB = 16
+# Asserted: anonymous resident memory over a second pass of a strategy's cases (measured: at most
+# 2 MB; the first pass, with its one-time allocations, grew it by up to 22 MB).
+FUZZ_LEAK_LIMIT_MB = 8
 LOWERED_PIXELS = 16_000_000  # MAX_IMAGE_PIXELS for the bomb cases: 10000x10000 over, 4000x4000 at it
 FUZZ_SCALE = int(os.environ.get("CLIP_FUZZ_SCALE", "1"))
 FUZZ_EXAMPLES = {strategy: count * FUZZ_SCALE for strategy, count in {
@@ -588,16 +590,22 @@ def test_fuzz_upload(strategy, client):
         outcomes[check_outcome(response)] += 1
 
     reset_peak_rss()
+    fuzz()
+    peak = peak_rss_mb()
+    cases, first_pass = sum(outcomes.values()), outcomes.copy()
+    # What the first pass allocated for good (thread arenas, caches, the allocator's high-water mark)
+    # is no leak; a leak grows the heap again when the same cases (derandomized) run a second time.
     before = anonymous_rss_mb()
     fuzz()
     after = anonymous_rss_mb()
-    peak = peak_rss_mb()
-    cases = sum(outcomes.values())
+    outcomes.clear()
+    outcomes.update(first_pass)
     TOTALS.update(outcomes)
     TOTALS["cases"] += cases
     counts = ", ".join(f"{status}: {count}" for status, count in sorted(outcomes.items()))
     print(f"\n[fuzz] {strategy}: {cases} cases; by status {counts}; slowest {slowest[0]:.2f} s "
-          f"({slowest[1]}); anonymous RSS {before:.0f} -> {after:.0f} MB (peak of all RSS {peak:.0f} MB)")
+          f"({slowest[1]}); anonymous RSS over a second pass {before:.0f} -> {after:.0f} MB "
+          f"(peak of all RSS {peak:.0f} MB)")
     assert cases == FUZZ_EXAMPLES[strategy], "hypothesis ran another number of cases than asked"
     assert set(outcomes) <= {200, 400}, f"a mutated image is decoded (200) or refused (400): {outcomes}"
-    assert after - before < RSS_GROWTH_LIMIT_MB, f"the heap grew {after - before:.0f} MB over the fuzz run"
+    assert after - before < FUZZ_LEAK_LIMIT_MB, f"the heap grew {after - before:.0f} MB over the second pass"

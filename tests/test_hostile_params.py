@@ -8,6 +8,7 @@ service open a connection (the conftest network fence records any attempt).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import io
@@ -271,7 +272,9 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ-b
     ({"data": b"", "content_type": "multipart/form-data; boundary=XyZ"}, "no field named file"),
 ])
 def test_bad_post_bodies_are_400(kwargs, fragment, client):
-    assert_error(client.post("/analyze", **kwargs), 400, fragment)
+    # a copy each time: the parameters' file objects are read (and closed) by the client, and every
+    # case runs twice, in-process and through CLIP.sh
+    assert_error(client.post("/analyze", **copy.deepcopy(kwargs)), 400, fragment)
 
 
 @pytest.mark.parametrize("content_type, body", [
