@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from clip_service.engines import openvino_export, openvino_quantize
+from clip_service.engines.base import ModelLoadError
 from clip_service.engines.openvino_import import ov
 from clip_service.engines.registry import load_engine
 from clip_service.engines.spec import model_identity, parse_model_spec
@@ -170,3 +172,9 @@ def test_without_vnni_int8_keeps_weights_only(monkeypatch, trained_spec, int8_ca
     folder = export_of(int8_cache, "int8")
     assert op_count(folder / "image.xml", "FakeQuantize") == 0
     assert op_count(folder / "image.xml", "Convert") > 0, "int8 weights, restored by Convert x scale"
+
+
+def test_without_nncf_int8_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf raises ImportError
+    with pytest.raises(ModelLoadError, match="CLIP_PRECISION=int8 .*NNCF.*requirements.txt"):
+        openvino_quantize.quantize_image_tower(None, 32, 32)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from clip_service.engines.base import ModelLoadError
 from clip_service.engines.openvino_import import ov
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,13 @@ def _model_input(picture: Image.Image, height: int, width: int) -> np.ndarray:
 
 def quantize_image_tower(model: ov.Model, height: int, width: int) -> ov.Model:
     """The image tower (uint8 (N, 3, height, width) pixels in) with int8 weights and activations."""
-    import nncf  # seconds to import, and only a conversion needs it
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    try:
+        import nncf  # seconds to import, and only a conversion needs it
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    except ImportError as error:
+        raise ModelLoadError(f"CLIP_PRECISION=int8 quantises activations with NNCF on this CPU, and it "
+                             f"cannot be imported ({error}); install requirements.txt, or use "
+                             "CLIP_PRECISION=bf16 or fp32") from error
 
     inputs = calibration_inputs(height, width)
     log.info("Quantising the image tower's activations to int8 on %d calibration pictures (NNCF %s)",
