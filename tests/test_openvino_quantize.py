@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_service.engines import openvino_export, openvino_quantize
+from clip_service.engines import openvino_engine, openvino_export, openvino_quantize
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.openvino_import import ov
 from clip_service.engines.registry import load_engine
@@ -187,3 +187,22 @@ def test_the_tower_bench_prints_int8_over_bf16():
             TowerFigures("openvino", "int8 w+a", 10, 5, 200, 0.999)]
     assert int8_ratio(rows) == "openvino int8 w+a / bf16 images/s at batch 8: 2.00 x"
     assert int8_ratio(rows[:2]) is None
+
+
+def test_what_int8_leaves_in_float_runs_in_bf16_where_the_cpu_has_it(monkeypatch, trained_spec, int8_cache):
+    """The image tower's norms and softmax in bf16, as the bf16 engine's are; the text tower as before."""
+    playing(monkeypatch, vnni=True)
+    monkeypatch.setattr(openvino_engine, "cpu_has_bf16", lambda core: True)
+    hints = {}
+    real = ov.Core.compile_model
+
+    def recording(core, model, device, config):
+        hints[Path(model).stem] = config["INFERENCE_PRECISION_HINT"]
+        return real(core, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    load_engine(trained_spec, "cpu", "int8", "openvino", int8_cache)
+    assert hints == {"image": "bf16", "text": "f32"}
+    playing(monkeypatch, vnni=False)
+    load_engine(trained_spec, "cpu", "int8", "openvino", int8_cache)
+    assert hints == {"image": "f32", "text": "f32"}, "weights-only int8 as before"
