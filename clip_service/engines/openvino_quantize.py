@@ -6,8 +6,8 @@ layer and both attention products as u8 x i8 products, which VNNI (AVX512-VNNI, 
 execute at several times the float rate. A CPU without them runs the same graph with no gain over float
 (bench/RESULTS.md), so there CLIP_PRECISION=int8 keeps the weights-only export.
 
-NNCF needs activation ranges, measured on pictures: the photos in engines/calibration/ (public-domain and
-CC0 photos from scikit-image's wheel; see its README) ship with the service, and are cropped, flipped,
+NNCF needs activation ranges, measured on pictures: the photos in engines/calibration/ (public domain or
+CC0, from scikit-image's wheel; see its README) ship with the service, and are cropped, flipped,
 colour-jittered and resized with a fixed seed into CALIBRATION_SIZE model inputs when the model is
 converted, offline. The quantised tower is kept in the conversion cache like any export; its key has
 RECIPE, the photos' bytes and NNCF's version, so a change to any of them quantises again.
