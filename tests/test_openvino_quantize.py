@@ -184,8 +184,8 @@ def test_the_tower_bench_prints_int8_over_bf16():
     from bench.tower import TowerFigures, int8_ratio
 
     rows = [TowerFigures("torch", "fp32", 50, 40, 25, 1), TowerFigures("openvino", "bf16", 20, 10, 100, 1),
-            TowerFigures("openvino", "int8 w+a", 10, 5, 200, 0.999)]
-    assert int8_ratio(rows) == "openvino int8 w+a / bf16 images/s at batch 8: 2.00 x"
+            TowerFigures("openvino", "int8", 10, 5, 200, 0.999, int8_activations=True)]
+    assert int8_ratio(rows) == "openvino int8 (weights + activations) / bf16 images/s at batch 8: 2.00 x"
     assert int8_ratio(rows[:2]) is None
 
 
