@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 INT8_ACTIVATIONS = "int8-static"  # the export's weights format: int8 weights and int8 activations
 CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
-CALIBRATION_SIZE = 128  # model inputs; 64 and 300 measured no better (bench/RESULTS.md)
+CALIBRATION_SIZE = 128  # model inputs; 64 answered the same, 300 no better (bench/RESULTS.md)
 CALIBRATION_SEED = 0
 # What NNCF is asked for, part of the export key. NNCF's transformer defaults (SmoothQuant, which moves
 # activation outliers into the weights, and fast bias correction), but each activation's range is its
