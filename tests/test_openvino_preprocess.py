@@ -58,8 +58,7 @@ def preprocessing():
     return request
 
 
-@pytest.mark.parametrize("size", [None, (640, 480), (1920, 1080), (4032, 3024)],
-                         ids=["png", "640x480", "1920x1080", "4032x3024"])
+@pytest.mark.parametrize("size", [None, (640, 480), (1920, 1080)], ids=["png", "640x480", "1920x1080"])
 def test_model_input_is_the_pillow_paths(preprocessing, size):
     """Mean absolute difference of the model input <= 1 grey level on every photo (0.1-0.2 measured:
     the graph resizes the whole short side and then crops, Pillow only the box it keeps)."""
