@@ -22,6 +22,7 @@ from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
 from clip_service.engines.from_spec import EngineFromSpec
 from clip_service.engines.openvino_export import START_STATES, ExportedTowers, cached_towers
 from clip_service.engines.openvino_import import ov
+from clip_service.engines.openvino_preprocess import PreprocessingTower, supports
 from clip_service.engines.preprocess import InputGeometry
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.text_prefix import shared_prefix_length
@@ -68,7 +69,8 @@ class OpenVinoEngine(EngineFromSpec):
         # what the int8 layers leave in float (norms, softmax, GELU) runs as fast as it can
         image_config = ({**config, "INFERENCE_PRECISION_HINT": "bf16"}
                         if self.int8_activations and cpu_has_bf16(core) else config)
-        self._image = core.compile_model(towers.model_path("image"), "CPU", image_config)
+        self._core, self._config, self._image_path = core, image_config, towers.model_path("image")
+        self._image = core.compile_model(self._image_path, "CPU", image_config)
         self._text = core.compile_model(towers.model_path("text"), "CPU", config)
         # One request per tower, each used by one thread at a time (the batcher; label encoding)
         self._image_request, self._image_lock = self._image.create_infer_request(), threading.Lock()
@@ -89,6 +91,15 @@ class OpenVinoEngine(EngineFromSpec):
                                  "normalise; use CLIP_BACKEND=torch")
         self._pil_steps = split[0]
         self.logit_scale, self.logit_bias = towers.logit_scale, towers.logit_bias
+        self._with_preprocessing: PreprocessingTower | None = None
+
+    def preprocessing_tower(self) -> PreprocessingTower | None:
+        """The image tower compiled again with the resize and crop inside it (openvino_preprocess),
+        on first use; None for a model whose resize the graph cannot do."""
+        if self._with_preprocessing is None and supports(self.geometry):
+            self._with_preprocessing = PreprocessingTower.compile(self._core, self._image_path,
+                                                                  self.geometry, self._config)
+        return self._with_preprocessing
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 from `prepare` -> (N, D) unit float32 on the CPU."""
