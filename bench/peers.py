@@ -179,12 +179,14 @@ def check_conversion(python: Path, local: Path, hf: Path, photos: list[Path], fo
     with torch.inference_mode():
         ours = {"image": engine.encode_images(pixels), "processed": engine.encode_images(pixels),
                 "text": torch.nn.functional.normalize(engine.model.encode_text(tokens).float(), dim=-1)}
-    cosines = {name: round(torch.nn.functional.cosine_similarity(
-        ours[name], torch.from_numpy(numpy.load(folder / f"{name}.npy")), dim=-1).min().item(), 6)
-        for name in ours}
+    theirs = {name: torch.nn.functional.normalize(torch.from_numpy(numpy.load(folder / f"{name}.npy")),
+                                                  dim=-1) for name in ours}
+    cosines = {name: round((ours[name] * theirs[name]).sum(-1).min().item(), 6) for name in ours}
     if min(cosines["image"], cosines["text"]) < SAME_FEATURES or cosines["processed"] < SAME_PREPROCESSING:
         raise SystemExit(f"the converted CLIPModel does not give open_clip's features: {cosines}")
-    return cosines
+    return {"least_cosine": cosines,
+            "max_abs_difference": {name: float(f"{(ours[name] - theirs[name]).abs().max().item():.2e}")
+                                   for name in ours}}  # of unit vectors
 
 
 # ------------------------------------------------------------------------------------------- servers
@@ -244,8 +246,8 @@ def benchmark(args, running: list[Server], results: dict) -> None:
     photos = make_images(work / "images", (SIZE,))[SIZE]
     results["images"] = [{"name": path.name, "bytes": path.stat().st_size} for path in photos]
     log(f"model: {results['model']}; checking the CLIPModel copy against open_clip")
-    results["conversion_cosine"] = check_conversion(python, local, hf, photos, work / "check")
-    log(f"conversion: least cosine {results['conversion_cosine']}")
+    results["conversion"] = check_conversion(python, local, hf, photos, work / "check")
+    log(f"conversion: {results['conversion']}")
 
     # The service as CLIP.sh starts it, one prompt template (start-up encodes 2,049 texts, not 8 x as
     # many: infinity encodes none); first start (converts, encodes) and warm start (both cached).
@@ -311,8 +313,11 @@ def format_report(results: dict) -> str:
         f"start s: process start to the first /health 200 (the service's first start, converting the model "
         f"and encoding its labels: {results['startup']['service_first']} s); RSS: resident MiB of the whole "
         "process group, idle after start and after the load",
-        f"conversion check (least cosine, CLIPModel vs open_clip): {results['conversion_cosine']}; the two "
-        f"servers' answers for the same photos: least cosine {results['answers_cosine']}",
+        f"conversion check, CLIPModel vs open_clip fp32 (unit vectors): least cosine "
+        f"{results['conversion']['least_cosine']}, largest difference "
+        f"{results['conversion']['max_abs_difference']}",
+        f"the two servers' answers for the same photos (the service's {results.get('service_engine')} vs "
+        f"infinity's fp32): least cosine {results['answers_cosine']}",
         "other%: most CPU other processes used during a cell (should be ~0)",
     ]
     return "\n".join(lines)
