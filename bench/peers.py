@@ -241,7 +241,10 @@ def benchmark(args, running: list[Server], results: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     python = peer_venv(work / "infinity-venv", args.peer_system_torch, args.peer_pip_args)
     # infinity's image tower is torch only; on a CPU it loads float32, on CUDA its auto dtype is fp16
-    results["infinity"] = peer_versions(python) | {"dtype": "fp16" if args.device == "cuda" else "fp32"}
+    dtype = "fp16" if args.device == "cuda" else "fp32"
+    if "--dtype" in args.infinity_arg[:-1]:
+        dtype = args.infinity_arg[args.infinity_arg.index("--dtype") + 1]
+    results["infinity"] = peer_versions(python) | {"dtype": dtype}
     local, hf, results["model"] = write_models(args.arch, work)
     photos = make_images(work / "images", (SIZE,))[SIZE]
     results["images"] = [{"name": path.name, "bytes": path.stat().st_size} for path in photos]
@@ -317,7 +320,7 @@ def format_report(results: dict) -> str:
         f"{results['conversion']['least_cosine']}, largest difference "
         f"{results['conversion']['max_abs_difference']}",
         f"the two servers' answers for the same photos (the service's {results.get('service_engine')} vs "
-        f"infinity's fp32): least cosine {results['answers_cosine']}",
+        f"infinity's {results['infinity']['dtype']}): least cosine {results['answers_cosine']}",
         "other%: most CPU other processes used during a cell (should be ~0)",
     ]
     return "\n".join(lines)
