@@ -39,6 +39,7 @@ from bench.speed import (
     git_state,
     log,
     make_images,
+    quiet_moment,
     quietly,
     ratio,
     ready_engine,
@@ -47,6 +48,7 @@ from bench.speed import (
     start,
     timed_cell,
 )
+from bench.tower import measure as measure_towers
 from tests.support.http_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--system-site-packages and install no torch (a GPU machine's own torch)")
     parser.add_argument("--peer-pip-args", default="", help="extra pip arguments for infinity's venv, "
                         "e.g. '--no-index --find-links .whl/peers' on a machine without network")
+    parser.add_argument("--no-towers", action="store_true", help="skip the bare image towers (timed "
+                        "after the servers, as the bound)")
     parser.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to "
                         "become healthy (default 1800)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "peers-results.json",
@@ -285,6 +289,21 @@ def benchmark(args, running: list[Server], results: dict) -> None:
     results["memory_after_load"] = {name: memory_mib(server) for name, server in servers.items()}
     for server in (service, peer):
         server.stop()
+    if not args.no_towers:
+        results["towers"] = bare_towers(args, local, work, results["service_engine"])
+
+
+def bare_towers(args, local: Path, work: Path, service_engine: str | None) -> list[dict]:
+    """The bound, in the same run: bench/tower.py's bare image tower (prepared photos, no HTTP) of the
+    service's engine and of torch at infinity's precision (its CLIPModel runs the same torch ops)."""
+    peer_engine = ("torch", "fp16" if args.device == "cuda" else "fp32")
+    engines = [peer_engine]
+    if service_engine and tuple(service_engine.split()) != peer_engine:
+        engines.append(tuple(service_engine.split()))
+    log("bare image towers: " + ", ".join(" ".join(engine) for engine in engines))
+    rows = measure_towers(f"local-dir:{local}", work / "tower-cache", engines, seconds=3.0, log=log,
+                          device=args.device, before_timing=lambda: quiet_moment(args))
+    return [vars(row) for row in rows]
 
 
 def cell_of(results: dict, concurrency: int) -> dict | None:
@@ -312,7 +331,8 @@ def format_report(results: dict) -> str:
     lines += [
         f"model: {results['model']}; {SIZE} JPEG q90 photos (astronaut, chelsea, coffee), one per request",
         "service: multipart POST /embed (CLIP.sh defaults, one prompt template); infinity: POST /embeddings "
-        "with a base64 data URI, modality image (infinity_emb v2 --engine torch, its defaults)",
+        "with a base64 data URI, modality image (infinity_emb v2 --engine torch, its defaults"
+        + "".join(f" {arg}" for arg in results["settings"]["infinity_args"]) + ")",
         f"start s: process start to the first /health 200 (the service's first start, converting the model "
         f"and encoding its labels: {results['startup']['service_first']} s); RSS: resident MiB of the whole "
         "process group, idle after start and after the load",
@@ -323,6 +343,18 @@ def format_report(results: dict) -> str:
         f"infinity's {results['infinity']['dtype']}): least cosine {results['answers_cosine']}",
         "other%: most CPU other processes used during a cell (should be ~0)",
     ]
+    towers = results.get("towers", [])
+    top = cell_of(results, max(concurrencies))
+    if towers and top:  # each server's images/s at its top concurrency over its engine's bare tower
+        engines = {"service": results.get("service_engine"), "infinity": f"torch {towers[0]['precision']}"}
+        parts = []
+        for row in towers:
+            name = f"{row['backend']} {row['precision']}"
+            shares = ", ".join(f"{server} at c{top['concurrency']}: "
+                               f"{ratio(top[server]['requests_per_s'], row['images_per_s'])} x it"
+                               for server, engine in engines.items() if engine == name)
+            parts.append(f"{name} {row['images_per_s']}" + (f" ({shares})" if shares else ""))
+        lines.append("bare image towers, same run, images/s at batch 8: " + "; ".join(parts))
     return "\n".join(lines)
 
 
