@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_service.engines import registry
+from clip_service.engines import openvino_quantize, registry
 from clip_service.engines.base import ModelLoadError
 from clip_service.engines.registry import choose_backend, load_engine
 from clip_service.engines.spec import parse_model_spec
@@ -54,6 +54,15 @@ def real_photos() -> dict[str, Image.Image]:
 
 
 PHOTOS = real_photos()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def int8_weights_only():
+    """int8 here is the weights-only export whatever the CPU; test_openvino_quantize covers the
+    quantised activations a CPU with VNNI or AMX gets."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openvino_quantize, "cpu_runs_int8_activations", lambda core: False)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""The OpenVINO engine: both towers compiled for the CPU, in bf16 where the CPU has it, or int8 weights.
+"""The OpenVINO engine: both towers compiled for the CPU, in bf16 where the CPU has it, or int8.
 
 On CPUs with bf16 instructions (Intel AMX, AVX512-BF16) OpenVINO's bf16 runs the image tower two to
-three times faster than torch fp32; on the others, int8 weights (CLIP_PRECISION=int8) are where the
-gain is. The towers come from openvino_export's cache, so after the first start no torch weights are
-loaded at all. Features leave as float32 torch tensors on the CPU, like every engine's.
+three times faster than torch fp32. CLIP_PRECISION=int8 quantises the image tower's activations too
+where the CPU has VNNI or AMX (openvino_quantize), and only its weights elsewhere; the text tower's
+weights only, everywhere. The towers come from openvino_export's cache, so after the first start no
+torch weights are loaded at all. Features leave as float32 torch tensors on the CPU, like every engine's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from clip_service.engines import openvino_quantize
 from clip_service.engines.base import EngineOutOfMemory, ModelLoadError
 from clip_service.engines.from_spec import EngineFromSpec
 from clip_service.engines.openvino_export import START_STATES, ExportedTowers, cached_towers
@@ -62,7 +64,11 @@ class OpenVinoEngine(EngineFromSpec):
         _, inference_precision = PRECISIONS[precision]
         config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": threads}
-        self._image = core.compile_model(towers.model_path("image"), "CPU", config)
+        self.int8_activations = towers.weights == openvino_quantize.INT8_ACTIVATIONS
+        # what the int8 layers leave in float (norms, softmax, GELU) runs as fast as it can
+        image_config = ({**config, "INFERENCE_PRECISION_HINT": "bf16"}
+                        if self.int8_activations and cpu_has_bf16(core) else config)
+        self._image = core.compile_model(towers.model_path("image"), "CPU", image_config)
         self._text = core.compile_model(towers.model_path("text"), "CPU", config)
         # One request per tower, each used by one thread at a time (the batcher; label encoding)
         self._image_request, self._image_lock = self._image.create_infer_request(), threading.Lock()
@@ -137,5 +143,8 @@ def load_openvino_engine(spec: ModelSpec, precision_setting: str, cache_dir, thr
     precision = resolve_precision(precision_setting, core)
     log.info("Loading CLIP_MODEL=%s (%s weights) on cpu with OpenVINO %s in %s, %d threads", spec.name,
              spec.weights_source, ov.get_version(), precision, threads)
-    towers = cached_towers(spec, PRECISIONS[precision][0], cache_dir)
+    weights = PRECISIONS[precision][0]
+    if precision == "int8" and openvino_quantize.cpu_runs_int8_activations(core):
+        weights = openvino_quantize.INT8_ACTIVATIONS
+    towers = cached_towers(spec, weights, cache_dir)
     return OpenVinoEngine(spec, towers, precision, threads, core)

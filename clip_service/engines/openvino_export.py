@@ -2,7 +2,8 @@
 
 Converting traces the torch model (tens of seconds for ViT-B/32); a start that finds a matching export
 only reads it. An export is keyed like the label-feature cache: the model's identity, the OpenVINO
-version, the weights' precision (f32, or int8 weights) and the towers' input layout, so a changed
+version, the weights' precision (f32, int8 weights, or int8 weights and image activations, with the
+quantisation's recipe: openvino_quantize) and the towers' input layout, so a changed
 model or library converts again. Each file's checksum is in the manifest; a corrupt or partial export
 is rebuilt, never used. Exports are written to a temporary folder and renamed into place, and workers
 that start together wait on a lock instead of converting twice.
@@ -28,6 +29,7 @@ import open_clip
 import torch
 
 from clip_service.engines.openvino_import import ov
+from clip_service.engines.openvino_quantize import INT8_ACTIVATIONS, quantize_image_tower, recipe_key
 from clip_service.engines.spec import ModelSpec, model_identity
 from clip_service.engines.text_prefix import encode_after_prefix, start_states
 from clip_service.engines.torch_engine import create_open_clip_model, cuts_context, encode_tokens
@@ -45,7 +47,7 @@ EXPORT_FORMAT = "clip-service-openvino-v2"
 # that cannot be cut; unit features out.
 INPUT_LAYOUT = "image:u8[N,3,H,W]->unit;text:i64[N,S]+f32[layers,P,width]->unit,f32[layers,S,width]"
 START_STATES = "text-start.npy"  # the start-of-text token's per-layer inputs, where the text is cut
-WEIGHT_FORMATS = ("f32", "int8")
+WEIGHT_FORMATS = ("f32", "int8", INT8_ACTIVATIONS)  # the last: image activations too
 TOWERS = ("image", "text")
 MANIFEST = "manifest.json"
 
@@ -55,7 +57,7 @@ class ExportedTowers:
     """An export on disk and what an engine needs besides it, so a warm start never loads torch weights."""
 
     folder: Path
-    weights: str  # "f32" or "int8"
+    weights: str  # one of WEIGHT_FORMATS
     preprocess: dict  # open_clip's preprocess config (size, mean, std, interpolation, resize_mode)
     logit_scale: float
     logit_bias: float | None
@@ -68,7 +70,8 @@ class ExportedTowers:
 
 def export_key(identity: str, weights: str) -> str:
     digest = hashlib.sha256()
-    for part in (EXPORT_FORMAT, identity, ov.get_version(), weights, INPUT_LAYOUT):
+    parts = (EXPORT_FORMAT, identity, ov.get_version(), weights, INPUT_LAYOUT)
+    for part in parts + ((recipe_key(),) if weights == INT8_ACTIVATIONS else ()):
         digest.update(part.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()
@@ -145,7 +148,9 @@ def convert(spec: ModelSpec, weights: str, folder: Path) -> dict:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation, from OpenVINO
         for tower, (module, example, shape) in towers.items():
             converted = ov.convert_model(module, example_input=example, input=shape)
-            if weights == "int8":
+            if weights == INT8_ACTIVATIONS and tower == "image":
+                converted = quantize_image_tower(converted, height, width)
+            elif weights in ("int8", INT8_ACTIVATIONS):
                 compress_weights_int8(converted)
             ov.save_model(converted, folder / f"{tower}.xml", compress_to_fp16=False)
     with torch.inference_mode():

@@ -34,6 +34,14 @@ def choose_backend(backend_setting: str, device_setting: str, precision_setting:
     return "openvino"
 
 
+def may_run_on_gpu(backend_setting: str, device_setting: str, precision_setting: str) -> bool:
+    """Whether an engine for these settings takes a GPU where its machine has one: what a cluster run
+    asks Ray for per engine (library/cluster.py), decided on the driver, which may have no GPU."""
+    if device_setting in ("cpu", "mps") or precision_setting == "int8":
+        return False
+    return backend_setting != "openvino"
+
+
 def load_engine(spec: ModelSpec, device_setting: str = "auto", precision_setting: str = "auto",
                 backend_setting: str = "torch", cache_dir: Path | None = None) -> Engine:
     """The loaded engine for `spec`; raises ModelLoadError.

@@ -75,6 +75,15 @@ class ApproximateIndex:
         self._lock = threading.Lock()  # one search context: a worker's threads take turns (< 1 ms each)
         self.count = count
 
+    @property
+    def depth(self) -> int:
+        """Candidates the graph search keeps (HNSW's ef): more finds more of the true top-k, slower."""
+        return self._index.expansion_search
+
+    @depth.setter
+    def depth(self, value: int) -> None:
+        self._index.expansion_search = value
+
     def candidates(self, query: np.ndarray, k: int) -> np.ndarray:
         """Rows of the vectors likely nearest the (D,) `query`: a few more than k, unordered."""
         wanted = min(self.count, max(2 * k, MIN_CANDIDATES))

@@ -107,12 +107,30 @@ def connect(ray, address: str) -> bool:
     return True
 
 
-def engine_slots(ray, engines: int = 0) -> tuple[int, int]:
-    """(actors, CPUs for each): an engine per CPUS_PER_ENGINE CPUs of each node (fewer CPUs each on
-    smaller nodes), or `engines` of them spread over the nodes."""
-    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
-    cpus = max(1, min(CPUS_PER_ENGINE, int(min(nodes, default=1))))
-    return engines or max(1, sum(int(count // cpus) for count in nodes)), cpus
+@dataclass(frozen=True)
+class Slots:
+    """How the engines spread over the cluster: `actors` of them, each reserving `cpus` CPUs (its
+    decoding and, without a GPU, its model threads) and `gpus` GPUs (0 or 1)."""
+
+    actors: int
+    cpus: int
+    gpus: int = 0
+
+
+def engine_slots(ray, engines: int = 0, gpus: bool = False) -> Slots:
+    """An engine per GPU of the cluster when `gpus` (the engine may run on one) and the nodes have any,
+    with the node's CPUs shared among its GPUs' engines for decoding (as a GPU server's worker takes a
+    core group); else an engine per CPUS_PER_ENGINE CPUs of each node (fewer CPUs each on smaller
+    nodes). `engines`: that many instead, spread over the nodes."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    with_gpus = [node for node in nodes if gpus and int(node.get("GPU", 0)) >= 1]
+    if with_gpus:
+        cpus = max(1, min(CPUS_PER_ENGINE, min(int(node.get("CPU", 0) // int(node["GPU"]))
+                                               for node in with_gpus)))
+        return Slots(engines or sum(int(node["GPU"]) for node in with_gpus), cpus, 1)
+    cpu_counts = [node.get("CPU", 0) for node in nodes]
+    cpus = max(1, min(CPUS_PER_ENGINE, int(min(cpu_counts, default=1))))
+    return Slots(engines or max(1, sum(int(count // cpus) for count in cpu_counts)), cpus)
 
 
 def quiet_ray_data(ray) -> None:
@@ -125,20 +143,23 @@ def quiet_ray_data(ray) -> None:
 
 def process_on_ray(address: str, folder: Path, pending: list[Path], load: Callable[[int], Loaded],
                    limits: ImageLimits, batch_size: int, finished: Callable[[list[tuple[Path, Any]]], None],
-                   summary: Summary, beneath_folder: bool = False, engines: int = 0) -> set[str]:
+                   summary: Summary, beneath_folder: bool = False, engines: int = 0,
+                   gpus: bool = False) -> set[str]:
     """process_files on a cluster: `finished` gets each batch's (path, result) pairs as they arrive, a
-    bad file is logged and counted in `summary`. Returns the ids of the nodes that did work."""
+    bad file is logged and counted in `summary`. `gpus`: the engine may run on a GPU (engine_slots).
+    Returns the ids of the nodes that did work."""
     ray = import_ray()
     connected = connect(ray, address)
     try:
         quiet_ray_data(ray)
-        actors, cpus = engine_slots(ray, engines)
-        log.info("Ray: %d engines of %d CPUs each for %d files", actors, cpus, len(pending))
+        slots = engine_slots(ray, engines, gpus)
+        log.info("Ray: %d engines of %d CPUs%s each for %d files", slots.actors, slots.cpus,
+                 " and a GPU" if slots.gpus else "", len(pending))
         dataset = ray.data.from_items([{"path": os.fsencode(path)} for path in pending])
         outcomes = dataset.map_batches(
-            BatchActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_args=(load, str(folder), limits, beneath_folder, cpus))
+            BatchActor, batch_size=batch_size, batch_format="numpy", num_cpus=slots.cpus,
+            num_gpus=slots.gpus, compute=ray.data.ActorPoolStrategy(size=slots.actors),
+            fn_constructor_args=(load, str(folder), limits, beneath_folder, slots.cpus))
         nodes: set[str] = set()
         for batch in outcomes.iter_batches(batch_size=None, batch_format="numpy"):
             done = []

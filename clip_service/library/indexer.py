@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clip_service.engines.base import Engine
-from clip_service.engines.registry import default_batch_size, engine_for_settings
+from clip_service.engines.registry import default_batch_size, engine_for_settings, may_run_on_gpu
 from clip_service.engines.spec import model_identity
 from clip_service.inputs.images import ImageLimits
 from clip_service.library.approximate import APPROXIMATE_FROM
@@ -142,7 +142,8 @@ def embed_on_ray(options: IndexOptions, settings: Settings, pending: list[Path],
     write = journal_writer(journal, tag)
     nodes = process_on_ray(options.ray, options.folder, pending, load_on_node(settings), limits,
                            options.batch_size or RAY_BATCH_SIZE, write, summary, beneath_folder=True,
-                           engines=options.ray_engines)
+                           engines=options.ray_engines,
+                           gpus=may_run_on_gpu(settings.backend, settings.device, settings.precision))
     log.info("Embedded on %d Ray nodes", len(nodes))
 
 

@@ -22,7 +22,7 @@ from typing import IO
 import torch
 
 from clip_service.engines.base import Engine
-from clip_service.engines.registry import default_batch_size, engine_for_settings
+from clip_service.engines.registry import default_batch_size, engine_for_settings, may_run_on_gpu
 from clip_service.inputs.images import ImageLimits
 from clip_service.library.batches import BatchWork, Summary, process_files
 from clip_service.library.cluster import RAY_BATCH_SIZE, Loaded, process_on_ray
@@ -152,7 +152,8 @@ def tag_on_ray(options: TagOptions, settings: Settings, pending: list[Path], lim
 
     nodes = process_on_ray(options.ray, options.folder, pending, load, limits,
                            options.batch_size or RAY_BATCH_SIZE, record_writer(options, output), summary,
-                           engines=options.ray_engines)
+                           engines=options.ray_engines,
+                           gpus=may_run_on_gpu(settings.backend, settings.device, settings.precision))
     log.info("Tagged on %d Ray nodes", len(nodes))
 
 
