@@ -243,6 +243,8 @@ def memory_mib(server: Server) -> dict:
 def benchmark(args, running: list[Server], results: dict) -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    for old_log in work.glob("*.log"):  # the servers append; the engine is read from this run's lines
+        old_log.unlink()
     python = peer_venv(work / "infinity-venv", args.peer_system_torch, args.peer_pip_args)
     # infinity's image tower is torch only; on a CPU it loads float32, on CUDA its auto dtype is fp16
     dtype = "fp16" if args.device == "cuda" else "fp32"
