@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -359,6 +360,11 @@ def measure_cell(server: Server, kind: str, paths: list[Path], concurrency: int,
     """Warm up (a checked answer, then a few requests at this concurrency), then a timed run."""
     send = make_send(server, kind, paths)
     check_answer(send)
+    return timed_cell(send, concurrency, seconds, everyone)
+
+
+def timed_cell(send: Send, concurrency: int, seconds: float, everyone: list[Server]) -> dict:
+    """A few warm-up requests at this concurrency, then a timed run, with the CPU others used."""
     run_closed_loop(send, concurrency, total=max(3, concurrency))
     other = OtherCpu(everyone)
     summary = run_closed_loop(send, concurrency, seconds=seconds).summary()
@@ -384,17 +390,25 @@ def measure_quietly(args, server: Server, kind: str, paths: list[Path], concurre
                     everyone: list[Server]) -> dict:
     """measure_cell on a quiet machine (--max-other-cpu): wait for quiet, retry a disturbed run at
     most twice, keep the least disturbed try. Without the option, one plain try."""
-    if args.max_other_cpu is None:
-        return {**measure_cell(server, kind, paths, concurrency, args.seconds, everyone), "tries": 1}
+    return quietly(args.max_other_cpu, server.name, everyone,
+                   lambda: measure_cell(server, kind, paths, concurrency, args.seconds, everyone))
+
+
+def quietly(max_other_cpu: float | None, name: str, everyone: list[Server],
+            measure: Callable[[], dict]) -> dict:
+    """`measure()` (a cell's summary with other_cpu_percent) on a quiet machine: wait for quiet, retry a
+    disturbed run at most twice, keep the least disturbed try. Without a limit, one plain try."""
+    if max_other_cpu is None:
+        return {**measure(), "tries": 1}
     tries = []
     for _ in range(3):
-        quiet = wait_for_quiet(everyone, args.max_other_cpu)
-        if quiet > args.max_other_cpu:
+        quiet = wait_for_quiet(everyone, max_other_cpu)
+        if quiet > max_other_cpu:
             log(f"  the machine stayed busy ({quiet} % CPU used by others); measuring anyway")
-        tries.append(measure_cell(server, kind, paths, concurrency, args.seconds, everyone))
-        if tries[-1]["other_cpu_percent"] <= args.max_other_cpu:
+        tries.append(measure())
+        if tries[-1]["other_cpu_percent"] <= max_other_cpu:
             break
-        log(f"  {server.name}: other processes used {tries[-1]['other_cpu_percent']} % CPU; again")
+        log(f"  {name}: other processes used {tries[-1]['other_cpu_percent']} % CPU; again")
     best = min(tries, key=lambda summary: summary["other_cpu_percent"])
     return {**best, "tries": len(tries)}
 
