@@ -161,21 +161,34 @@ def process_on_ray(address: str, folder: Path, pending: list[Path], load: Callab
             num_gpus=slots.gpus, compute=ray.data.ActorPoolStrategy(size=slots.actors),
             fn_constructor_args=(load, str(folder), limits, beneath_folder, slots.cpus))
         nodes: set[str] = set()
-        for batch in outcomes.iter_batches(batch_size=None, batch_format="numpy"):
-            done = []
-            for raw, result, problem, node in zip(batch["path"], batch["result"], batch["problem"],
-                                                  batch["node"], strict=True):
-                relative = Path(os.fsdecode(bytes(raw)))
-                nodes.add(str(node))
-                if problem:
-                    log.warning("Skipped %s: %s", relative, problem)
-                    summary.skipped += 1
-                else:
-                    done.append((relative, pickle.loads(result)))
-            if done:
-                finished(done)
-                summary.processed += len(done)
+        batches = iter(outcomes.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            collect(batches, finished, summary, nodes)
+        finally:
+            # Stops Ray Data's executor now, not when the generator is collected: after ray.shutdown()
+            # its threads would touch the shut-down worker, and Ray then ends the process (exit 1,
+            # not the interrupted run's 130, when SIGTERM or Ctrl-C stopped the loop)
+            batches.close()
         return nodes
     finally:
         if connected:
             ray.shutdown()
+
+
+def collect(batches, finished: Callable[[list[tuple[Path, Any]]], None], summary: Summary,
+            nodes: set[str]) -> None:
+    """Hand each batch's results to `finished` as it arrives; log and count the files it could not read."""
+    for batch in batches:
+        done = []
+        for raw, result, problem, node in zip(batch["path"], batch["result"], batch["problem"],
+                                              batch["node"], strict=True):
+            relative = Path(os.fsdecode(bytes(raw)))
+            nodes.add(str(node))
+            if problem:
+                log.warning("Skipped %s: %s", relative, problem)
+                summary.skipped += 1
+            else:
+                done.append((relative, pickle.loads(result)))
+        if done:
+            finished(done)
+            summary.processed += len(done)
